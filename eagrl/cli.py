@@ -1,0 +1,195 @@
+"""The ``python -m eagrl`` command line: LightningCLI (jsonargparse) with OmegaConf interpolation.
+
+Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (Lightning's) and ``summary`` (prints the
+cohort sizes of the configured datamodule as JSON). Every run whose ``trainer.default_root_dir`` is
+DIR leaves in DIR its resolved ``config.yaml``, ``run_info.json`` (seed, versions, git revision) and
+``metrics.json`` (a flat JSON object of every metric logged, e.g. ``test/auroc``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from eagrl.errors import EAGRLInputError
+from eagrl.io import write_json_atomic, write_text_atomic
+from eagrl.paths import REPO_ROOT
+
+SUMMARY_HELP = "Print the cohort summary (features, patients, samples, positives per split) as JSON."
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("eagrl", "torch", "lightning", "transformers", "peft", "torchmetrics", "numpy", "pandas"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+class EAGRLArgumentParser(LightningArgumentParser):
+    """Prints one error line (and where to find help) instead of the full usage block."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        noise = ("Subtypes: [", "Expected a <class 'NoneType'>", "Given value type:", "Does not validate against any")
+        message = "\n".join(line for line in message.splitlines() if not any(n in line for n in noise))
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {message}\n(run `{prog} --help` for the accepted options)\n")
+        raise SystemExit(2)
+
+
+class SaveRunBundle(SaveConfigCallback):
+    """Write the resolved ``config.yaml`` and ``run_info.json`` into ``trainer.default_root_dir``."""
+
+    def __init__(self, parser: LightningArgumentParser, config: Any, **kwargs: Any):
+        kwargs.update(overwrite=True, save_to_log_dir=False)
+        super().__init__(parser, config, **kwargs)
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        root = Path(trainer.default_root_dir)
+        text = self.parser.dump(self.config, skip_none=False)
+        write_text_atomic(root / self.config_filename, text)
+        write_json_atomic(
+            root / "run_info.json",
+            {
+                "stage": stage,
+                "seed": self.config.get("seed_everything"),
+                "command": sys.argv[1:2],
+                "git_revision": _git_revision(),
+                "versions": _versions(),
+            },
+        )
+
+
+class MetricsJsonWriter(L.Callback):
+    """Keep ``<default_root_dir>/metrics.json`` up to date with every metric logged so far.
+
+    Metrics of earlier stages of the same run directory (e.g. ``fit`` then ``test``) are kept; a
+    metric logged again replaces its old value. The file is replaced atomically.
+    """
+
+    filename = "metrics.json"
+
+    def _write(self, trainer: L.Trainer) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        path = Path(trainer.default_root_dir) / self.filename
+        metrics: dict[str, float] = {}
+        if path.is_file():
+            try:
+                metrics = json.loads(path.read_text())
+            except ValueError:
+                metrics = {}
+        for name, value in trainer.callback_metrics.items():
+            number = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+            metrics[name] = number if math.isfinite(number) else None
+        write_json_atomic(path, dict(sorted(metrics.items())))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)
+
+
+class EAGRLCLI(LightningCLI):
+    """LightningCLI with OmegaConf interpolation, a run bundle in the run directory, and ``summary``."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        super().__init__(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=SaveRunBundle,
+            trainer_defaults={"callbacks": [MetricsJsonWriter()]},
+            seed_everything_default=42,
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            parser_class=EAGRLArgumentParser,
+            parser_kwargs={"description": "EAG-RL: expert-attention-guided LLM reasoning over EHR.", "prog": "python -m eagrl"},
+        )
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("parser_mode", "omegaconf")
+        return super().init_parser(**kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        summary = self.init_parser(description=SUMMARY_HELP)
+        self.add_default_arguments_to_parser(summary)
+        summary.add_lightning_class_args(self.trainer_class, "trainer")
+        # a stage config may be passed as it is: its model section is accepted and ignored
+        summary.add_lightning_class_args(L.LightningModule, "model", subclass_mode=True, required=False)
+        summary.add_lightning_class_args(L.LightningDataModule, "data", subclass_mode=True)
+        self._subcommand_parsers["summary"] = summary
+        self._subcommand_method_arguments["summary"] = []
+        parser._subcommands_action.add_subcommand("summary", summary, help=SUMMARY_HELP)
+
+    def instantiate_classes(self) -> None:
+        if self.subcommand != "summary":
+            super().instantiate_classes()
+            return
+        config = self.config["summary"].clone()
+        config.pop("model", None)  # never build a (possibly large) model just to count patients
+        self.config_init = self._subcommand_parsers["summary"].instantiate_classes(config)
+        self.datamodule, self.model, self.trainer = self.config_init["data"], None, None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "summary":
+            print(json.dumps(self.datamodule.summary()))
+            return
+        super()._run_subcommand(subcommand)
+
+
+def _input_error(err: BaseException) -> EAGRLInputError | None:
+    """The EAGRLInputError behind ``err``, if any (jsonargparse wraps errors raised in ``__init__``)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, EAGRLInputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def main(args: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        EAGRLCLI(args=args)
+    except Exception as err:
+        found = _input_error(err)
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
+        raise SystemExit(2) from None

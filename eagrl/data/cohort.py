@@ -1,0 +1,66 @@
+"""The in-memory cohort: per-sample daily rows, stored flat with offsets (ragged arrays).
+
+``RawCohort`` is what a dataset reader returns: raw daily values (NaN where not measured), day
+numbers and labels. ``PreparedCohort`` adds the split, the train-only normalisation statistics, the
+normalised and imputed values, and the missing mask. Both are plain numpy, so they can be cached with
+``np.savez`` and loaded without pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from eagrl.data.features import FeatureSpec
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class RawCohort:
+    """Daily, un-normalised samples of one dataset. N samples, R daily rows in all, F features."""
+
+    dataset: str
+    features: tuple[FeatureSpec, ...]
+    sample_ids: np.ndarray  # [N] str: TJH patient id, MIMIC-IV stay_id
+    patient_ids: np.ndarray  # [N] str: the unit of splitting (MIMIC-IV subject_id)
+    offsets: np.ndarray  # [N + 1] int64: rows of sample i are offsets[i]:offsets[i+1]
+    values: np.ndarray  # [R, F] float32, NaN = not measured that day
+    days: np.ndarray  # [R] int32, day of stay, 1 = first day with a record
+    labels: dict[str, np.ndarray]  # task -> [N] int8 in {0, 1}
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    def rows(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+
+@dataclass
+class NormStats:
+    """Train-only statistics per feature: z-score mean/std and the median used to impute leading gaps."""
+
+    mean: np.ndarray  # [F] float64 (0 for binary features)
+    std: np.ndarray  # [F] float64 (1 for binary features)
+    median: np.ndarray  # [F] float64, raw units; NaN when train never measured the feature
+
+
+@dataclass
+class PreparedCohort:
+    """A cohort ready for training: split, normalised with train statistics, imputed."""
+
+    raw: RawCohort
+    split: np.ndarray  # [N] str in SPLITS
+    stats: NormStats
+    normalised: np.ndarray  # [R, F] float32, z-scored, carry-forward then train-median imputed
+    missing: np.ndarray  # [R, F] bool, True where the raw value was not measured
+    meta: dict = field(default_factory=dict)
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == split)

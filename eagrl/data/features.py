@@ -1,0 +1,160 @@
+"""Feature catalogues for TJH and MIMIC-IV: names, units and adult normal ranges shown to the LLM.
+
+Names are what the LLM reads and what the expert attention export lists, so they are also the
+vocabulary of the attention-alignment reward. Demographics (Sex, Age) come first in every cohort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One model input column."""
+
+    name: str
+    """Display name: shown to the LLM and used in the expert attention export."""
+    unit: str = ""
+    """Unit of the raw value ("" when unitless)."""
+    normal_range: str = ""
+    """Adult reference range as text ("" when none applies)."""
+    binary: bool = False
+    """True for 0/1 features, which are not z-scored."""
+    demographic: bool = False
+    """True for Sex and Age: constant per sample, fed to ConCare as the demographic token."""
+
+
+DEMOGRAPHICS = (
+    FeatureSpec("Sex", "", "1 male, 0 female", binary=True, demographic=True),
+    FeatureSpec("Age", "years", "", demographic=True),
+)
+
+# TJH: (xlsx column, unit, normal range). 73 labs, after dropping '2019-nCoV nucleic acid detection'.
+# The display name is the column name with surrounding spaces removed.
+TJH_LABS: tuple[tuple[str, str, str], ...] = (
+    ("Hypersensitive cardiac troponinI", "ng/L", "< 14"),
+    ("hemoglobin", "g/L", "men 140-180, women 120-160"),
+    ("Serum chloride", "mmol/L", "96-106"),
+    ("Prothrombin time", "s", "11-14"),
+    ("procalcitonin", "ng/mL", "< 0.05"),
+    ("eosinophils(%)", "%", "1-6"),
+    ("Interleukin 2 receptor", "U/mL", "223-710"),
+    ("Alkaline phosphatase", "U/L", "44-147"),
+    ("albumin", "g/L", "35-55"),
+    ("basophil(%)", "%", "0-1"),
+    ("Interleukin 10", "pg/mL", "< 9.1"),
+    ("Total bilirubin", "µmol/L", "5.1-17"),
+    ("Platelet count", "x10^9/L", "150-450"),
+    ("monocytes(%)", "%", "2-10"),
+    ("antithrombin", "%", "80-120"),
+    ("Interleukin 8", "pg/mL", "< 62"),
+    ("indirect bilirubin", "µmol/L", "3.4-12"),
+    ("Red blood cell distribution width", "%", "11.5-14.5"),
+    ("neutrophils(%)", "%", "40-75"),
+    ("total protein", "g/L", "60-83"),
+    ("Quantification of Treponema pallidum antibodies", "S/CO", "< 1"),
+    ("Prothrombin activity", "%", "70-130"),
+    ("HBsAg", "IU/mL", "< 0.05"),
+    ("mean corpuscular volume", "fL", "80-100"),
+    ("hematocrit", "%", "men 40-54, women 36-48"),
+    ("White blood cell count", "x10^9/L", "3.5-9.5"),
+    ("Tumor necrosis factorα", "pg/mL", "< 8.1"),
+    ("mean corpuscular hemoglobin concentration", "g/L", "320-360"),
+    ("fibrinogen", "g/L", "2-4"),
+    ("Interleukin 1β", "pg/mL", "< 5"),
+    ("Urea", "mmol/L", "2.8-7.6"),
+    ("lymphocyte count", "x10^9/L", "1.1-3.2"),
+    ("PH value", "", "7.35-7.45"),
+    ("Red blood cell count", "x10^12/L", "men 4.3-5.8, women 3.8-5.1"),
+    ("Eosinophil count", "x10^9/L", "0.02-0.52"),
+    ("Corrected calcium", "mmol/L", "2.15-2.55"),
+    ("Serum potassium", "mmol/L", "3.5-5.1"),
+    ("glucose", "mmol/L", "3.9-6.1"),
+    ("neutrophils count", "x10^9/L", "1.8-6.3"),
+    ("Direct bilirubin", "µmol/L", "< 8"),
+    ("Mean platelet volume", "fL", "7.4-11"),
+    ("ferritin", "µg/L", "men 30-400, women 15-150"),
+    ("RBC distribution width SD", "fL", "39-46"),
+    ("Thrombin time", "s", "14-21"),
+    ("(%)lymphocyte", "%", "20-50"),
+    ("HCV antibody quantification", "S/CO", "< 1"),
+    ("D-D dimer", "µg/mL FEU", "< 0.5"),
+    ("Total cholesterol", "mmol/L", "< 5.2"),
+    ("aspartate aminotransferase", "U/L", "8-40"),
+    ("Uric acid", "µmol/L", "men 208-428, women 155-357"),
+    ("HCO3-", "mmol/L", "22-29"),
+    ("calcium", "mmol/L", "2.1-2.55"),
+    ("Amino-terminal brain natriuretic peptide precursor(NT-proBNP)", "pg/mL", "< 125"),
+    ("Lactate dehydrogenase", "U/L", "135-225"),
+    ("platelet large cell ratio", "%", "13-43"),
+    ("Interleukin 6", "pg/mL", "< 7"),
+    ("Fibrin degradation products", "µg/mL", "< 5"),
+    ("monocytes count", "x10^9/L", "0.1-0.6"),
+    ("PLT distribution width", "fL", "9-17"),
+    ("globulin", "g/L", "20-35"),
+    ("γ-glutamyl transpeptidase", "U/L", "men 10-71, women 7-42"),
+    ("International standard ratio", "", "0.8-1.2"),
+    ("basophil count(#)", "x10^9/L", "0-0.06"),
+    ("mean corpuscular hemoglobin", "pg", "27-34"),
+    ("Activation of partial thromboplastin time", "s", "25-37"),
+    ("High sensitivity C-reactive protein", "mg/L", "< 1"),
+    ("HIV antibody quantification", "S/CO", "< 1"),
+    ("serum sodium", "mmol/L", "135-145"),
+    ("thrombocytocrit", "%", "0.11-0.28"),
+    ("ESR", "mm/h", "men 0-15, women 0-20"),
+    ("glutamic-pyruvic transaminase", "U/L", "7-40"),
+    ("eGFR", "mL/min/1.73m²", "> 90"),
+    ("creatinine", "µmol/L", "men 59-104, women 45-84"),
+)
+TJH_DROPPED_COLUMNS = ("2019-nCoV nucleic acid detection",)
+
+TJH_FEATURES: tuple[FeatureSpec, ...] = DEMOGRAPHICS + tuple(FeatureSpec(n, u, r) for n, u, r in TJH_LABS)
+
+
+@dataclass(frozen=True)
+class ChartVariable:
+    """A MIMIC-IV chartevents variable: the itemids that measure it and how to convert them."""
+
+    spec: FeatureSpec
+    itemids: tuple[int, ...]
+    convert: tuple[tuple[int, str], ...] = ()
+    """(itemid, conversion) pairs: 'f_to_c', 'inch_to_cm', 'lbs_to_kg', 'percent_to_fraction'."""
+
+
+def _cv(name: str, unit: str, normal: str, itemids: tuple[int, ...], convert=(), binary: bool = False) -> ChartVariable:
+    return ChartVariable(FeatureSpec(name, unit, normal, binary=binary), itemids, tuple(convert))
+
+
+# The 17 mimic3-benchmark clinical variables (METHOD.md §1). GCS total is derived from its components.
+MIMIC_VARIABLES: tuple[ChartVariable, ...] = (
+    _cv("Capillary refill rate", "", "0 normal (<3 s), 1 abnormal", (223951, 224308), binary=True),
+    _cv("Diastolic blood pressure", "mmHg", "60-80", (220051, 220180, 224643, 225310)),
+    _cv("Fraction inspired oxygen", "fraction", "0.21 on room air", (223835,), [(223835, "percent_to_fraction")]),
+    _cv("Glasgow coma scale eye opening", "points", "4", (220739,)),
+    _cv("Glasgow coma scale motor response", "points", "6", (223901,)),
+    _cv("Glasgow coma scale total", "points", "15", ()),
+    _cv("Glasgow coma scale verbal response", "points", "5", (223900,)),
+    _cv("Glucose", "mg/dL", "70-140", (220621, 225664, 226537)),
+    _cv("Heart rate", "bpm", "60-100", (220045,)),
+    _cv("Height", "cm", "", (226707, 226730), [(226707, "inch_to_cm")]),
+    _cv("Mean blood pressure", "mmHg", "70-100", (220052, 220181, 224322, 225312)),
+    _cv("Oxygen saturation", "%", "95-100", (220227, 220277)),
+    _cv("Respiratory rate", "breaths/min", "12-20", (220210, 224422, 224689, 224690)),
+    _cv("Systolic blood pressure", "mmHg", "90-120", (220050, 220179, 224167, 225309, 227243)),
+    _cv("Temperature", "°C", "36.1-37.2", (223761, 223762), [(223761, "f_to_c")]),
+    _cv("Weight", "kg", "", (226512, 226531), [(226531, "lbs_to_kg")]),
+    _cv("pH", "", "7.35-7.45", (220274, 223830)),
+)
+GCS_COMPONENTS = (
+    "Glasgow coma scale eye opening",
+    "Glasgow coma scale motor response",
+    "Glasgow coma scale verbal response",
+)
+GCS_TOTAL = "Glasgow coma scale total"
+CAPILLARY_REFILL_TEXT = {"normal <3 secs": 0.0, "abnormal >3 secs": 1.0, "brisk": 0.0, "delayed": 1.0}
+
+MIMIC_FEATURES: tuple[FeatureSpec, ...] = DEMOGRAPHICS + tuple(v.spec for v in MIMIC_VARIABLES)
+
+DATASET_FEATURES = {"tjh": TJH_FEATURES, "mimic_iv": MIMIC_FEATURES}
+DATASET_TASKS = {"tjh": ("mortality",), "mimic_iv": ("mortality", "readmission")}
