@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+import jsonargparse
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -24,6 +25,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from eagrl.errors import EAGRLInputError
 from eagrl.io import write_json_atomic, write_text_atomic
 from eagrl.paths import REPO_ROOT
+
+# "omegaconf+" resolves ${...} after every config file and command-line value is merged, so
+# `--trainer.default_root_dir DIR` also moves what a config derives from it; absolute paths in a
+# file (``${trainer.default_root_dir}``) are read relative to the subcommand.
+jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 SUMMARY_HELP = "Print the cohort summary (features, patients, samples, positives per split) as JSON."
 
@@ -141,7 +147,7 @@ class EAGRLCLI(LightningCLI):
         )
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        kwargs.setdefault("parser_mode", "omegaconf")
+        kwargs.setdefault("parser_mode", "omegaconf+")
         return super().init_parser(**kwargs)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
@@ -164,6 +170,15 @@ class EAGRLCLI(LightningCLI):
         config.pop("model", None)  # never build a (possibly large) model just to count patients
         self.config_init = self._subcommand_parsers["summary"].instantiate_classes(config)
         self.datamodule, self.model, self.trainer = self.config_init["data"], None, None
+
+    def after_fit(self) -> None:
+        """Evaluate the best checkpoint on val and test when the model asks for it (``test_after_fit``)."""
+        if not getattr(self.model, "test_after_fit", False) or self.trainer.interrupted:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = "best" if checkpoint is not None and getattr(checkpoint, "best_model_path", "") else None
+        self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "summary":

@@ -1,0 +1,3 @@
+from lightning_modules.concare import ConCareModule
+
+__all__ = ["ConCareModule"]

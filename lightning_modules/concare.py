@@ -1,0 +1,130 @@
+"""The expert system: trains ConCare (loss = BCE + decov_weight x DeCov), evaluates with bootstrap.
+
+The network's input sizes come from the datamodule at ``setup`` (and are stored in the hyperparameters,
+so ``load_from_checkpoint`` rebuilds the same network). Validation and test log AUROC, AUPRC, F1 and
+accuracy as mean and std over ``n_bootstrap`` resamples (``val/auprc``, ``test/auroc_std``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+from torchmetrics import CatMetric
+
+from eagrl.evaluation import bootstrap_metrics
+from eagrl.models import ConCare
+
+
+class ConCareModule(L.LightningModule):
+    """ConCare expert.
+
+    Args:
+        hidden: GRU and token width.
+        heads: self-attention heads across feature tokens.
+        ffn_hidden: feed-forward width.
+        dropout: dropout rate.
+        decov_weight: weight of the DeCov term in the loss (group: 10; original paper: 1000).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        n_bootstrap: bootstrap resamples for validation/test metrics (0: point estimates only).
+        bootstrap_seed: seed of the resamples.
+        top_k: features per patient named in the expert attention export.
+        test_after_fit: after ``fit``, evaluate the best checkpoint on val and test in the same command.
+        feature_names: dynamic feature names (filled from the datamodule at setup).
+        n_demographic: number of demographic inputs (filled from the datamodule at setup).
+    """
+
+    def __init__(
+        self,
+        hidden: PositiveInt = 128,
+        heads: PositiveInt = 4,
+        ffn_hidden: PositiveInt = 64,
+        dropout: float = 0.0,
+        decov_weight: float = 10.0,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: float = 1e-2,
+        n_bootstrap: NonNegativeInt = 100,
+        bootstrap_seed: int = 0,
+        top_k: PositiveInt = 5,
+        test_after_fit: bool = True,
+        feature_names: Optional[list[str]] = None,
+        n_demographic: Optional[int] = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.test_after_fit = test_after_fit
+        self.net: ConCare | None = None
+        if feature_names is not None and n_demographic is not None:
+            self._build(feature_names, n_demographic)
+        self.probs = torch.nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
+        self.labels = torch.nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
+
+    def _build(self, feature_names: list[str], n_demographic: int) -> None:
+        hp = self.hparams
+        self.hparams.feature_names, self.hparams.n_demographic = list(feature_names), int(n_demographic)
+        self.net = ConCare(len(feature_names), n_demographic, hp.hidden, hp.heads, hp.ffn_hidden, hp.dropout)
+
+    def setup(self, stage: str) -> None:
+        if self.net is not None:
+            return
+        datamodule = self.trainer.datamodule
+        features = datamodule.cohort.raw.features if datamodule.cohort is not None else None
+        if features is None:
+            datamodule.setup(stage)
+            features = datamodule.cohort.raw.features
+        self._build([f.name for f in features if not f.demographic], sum(f.demographic for f in features))
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        n_demo = self.hparams.n_demographic
+        return self.net(batch["x"][..., n_demo:], batch["demographics"], batch["mask"], batch["days"])
+
+    def model_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self(batch)
+        bce = F.binary_cross_entropy_with_logits(out["logit"], batch["label"])
+        loss = bce + self.hparams.decov_weight * out["decov"]
+        return loss, {"bce": bce, **out}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, out = self.model_step(batch)
+        size = len(batch["label"])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log("train/bce", out["bce"], on_step=False, on_epoch=True, batch_size=size)
+        self.log("train/decov", out["decov"], on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    def _eval_step(self, split: str, batch: dict[str, Any]) -> None:
+        loss, out = self.model_step(batch)
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["label"]))
+        self.probs[split].update(torch.sigmoid(out["logit"]))
+        self.labels[split].update(batch["label"])
+
+    def _eval_epoch_end(self, split: str) -> None:
+        probs, labels = self.probs[split].compute(), self.labels[split].compute()  # gathered across ranks
+        self.probs[split].reset()
+        self.labels[split].reset()
+        metrics = bootstrap_metrics(probs, labels, self.hparams.n_bootstrap, self.hparams.bootstrap_seed)
+        self.log_dict({f"{split}/{k}": v for k, v in metrics.items()})
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        out = self(batch)
+        return {"id": batch["id"], "label": batch["label"], "prob": torch.sigmoid(out["logit"]), "attention": out["attention"]}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
