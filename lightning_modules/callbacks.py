@@ -47,26 +47,23 @@ class ExpertAttentionWriter(L.Callback):
                     out = pl_module(batch)
                     probs = torch.sigmoid(out["logit"]).tolist()
                     for i, weights in enumerate(out["attention"].tolist()):
-                        ranked = sorted(zip(names, weights), key=lambda item: -item[1])
-                        handle.write(
-                            json.dumps(
-                                {
-                                    "id": batch["id"][i],
-                                    "split": split,
-                                    "label": int(batch["label"][i]),
-                                    "prob": round(probs[i], 6),
-                                    "features": [[n, round(w, 6)] for n, w in ranked],
-                                    "top_k": [n for n, _ in ranked[:top_k]],
-                                }
-                            )
-                            + "\n"
-                        )
+                        ranked, top = rank_features(names, weights, top_k)
+                        record = {"id": batch["id"][i], "split": split, "label": int(batch["label"][i])}
+                        record.update(prob=round(probs[i], 6), features=ranked, top_k=top)
+                        handle.write(json.dumps(record) + "\n")
         pl_module.train(was_training)
         return path
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self.write(trainer, pl_module)
+
+
+def rank_features(names: list[str], weights: list[float], top_k: int) -> tuple[list[list], list[str]]:
+    """``([[name, weight], ...] by weight descending (ties: feature order), [the top_k names])``."""
+    order = sorted(range(len(names)), key=lambda j: -weights[j])
+    ranked = [[names[j], round(float(weights[j]), 6)] for j in order]
+    return ranked, [names[j] for j in order[:top_k]]
 
 
 def datamodule_collate(datamodule: L.LightningDataModule):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torchmetrics import CatMetric
 
+from eagrl.errors import EAGRLInputError
 from eagrl.evaluation import bootstrap_metrics
 from eagrl.models import ConCare
 
@@ -27,6 +28,8 @@ class ConCareModule(L.LightningModule):
         heads: self-attention heads across feature tokens.
         ffn_hidden: feed-forward width.
         dropout: dropout rate.
+        faithful_attention: pool each feature's own token in the final attention, so its weights point
+            at the features that drive the prediction (see ``eagrl.models.concare``); false: the reference.
         decov_weight: weight of the DeCov term in the loss (group: 10; original paper: 1000).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -44,6 +47,7 @@ class ConCareModule(L.LightningModule):
         heads: PositiveInt = 4,
         ffn_hidden: PositiveInt = 64,
         dropout: float = 0.0,
+        faithful_attention: bool = True,
         decov_weight: float = 10.0,
         lr: PositiveFloat = 1e-3,
         weight_decay: float = 1e-2,
@@ -66,7 +70,7 @@ class ConCareModule(L.LightningModule):
     def _build(self, feature_names: list[str], n_demographic: int) -> None:
         hp = self.hparams
         self.hparams.feature_names, self.hparams.n_demographic = list(feature_names), int(n_demographic)
-        self.net = ConCare(len(feature_names), n_demographic, hp.hidden, hp.heads, hp.ffn_hidden, hp.dropout)
+        self.net = ConCare(len(feature_names), n_demographic, hp.hidden, hp.heads, hp.ffn_hidden, hp.dropout, hp.faithful_attention)
 
     def setup(self, stage: str) -> None:
         if self.net is not None:
@@ -83,7 +87,44 @@ class ConCareModule(L.LightningModule):
         n_demo = self.hparams.n_demographic
         return self.net(batch["x"][..., n_demo:], batch["demographics"], batch["mask"], batch["days"])
 
+    def _check_finite(self, batch: dict[str, Any]) -> None:
+        """Stop on the first NaN/inf input (a preprocessing bug) instead of a NaN loss steps later."""
+        for key in ("x", "demographics"):
+            finite = torch.isfinite(batch[key])
+            if bool(finite.all()):
+                continue
+            bad = (~finite).nonzero()[0].tolist()  # [b, (t,) f]
+            column = bad[-1]
+            names = list(self.hparams.feature_names)
+            n_demo = self.hparams.n_demographic
+            if key == "x":
+                name = f"demographic input {column}" if column < n_demo else f"feature {names[column - n_demo]!r}"
+            else:
+                name = f"demographic input {column}"
+            where = f", day index {bad[1]}" if key == "x" else ""
+            raise EAGRLInputError(
+                f"non-finite value ({batch[key][tuple(bad)].item()}) in {name} of the sample at batch position "
+                f"{bad[0]}{where}: the preprocessed inputs must be finite (rebuild the cache with "
+                "--data.init_args.rebuild_cache true; if it persists this is a preprocessing bug)"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained on another feature set, listing the mismatch."""
+        saved = checkpoint.get("hyper_parameters", {}).get("feature_names")
+        current = self.hparams.get("feature_names")
+        if saved is None or current is None or list(saved) == list(current):
+            return
+        missing = [n for n in current if n not in saved]
+        extra = [n for n in saved if n not in current]
+        detail = f"features missing from the checkpoint: {missing}; features only in the checkpoint: {extra}"
+        if not missing and not extra:
+            detail = "same features in a different order"
+        raise EAGRLInputError(
+            f"the checkpoint was trained on {len(saved)} features, this data has {len(current)}: {detail}"
+        )
+
     def model_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self._check_finite(batch)
         out = self(batch)
         bce = F.binary_cross_entropy_with_logits(out["logit"], batch["label"])
         loss = bce + self.hparams.decov_weight * out["decov"]
