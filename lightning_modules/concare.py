@@ -73,14 +73,15 @@ class ConCareModule(L.LightningModule):
         self.net = ConCare(len(feature_names), n_demographic, hp.hidden, hp.heads, hp.ffn_hidden, hp.dropout, hp.faithful_attention)
 
     def setup(self, stage: str) -> None:
-        if self.net is not None:
-            return
         datamodule = self.trainer.datamodule
-        features = datamodule.cohort.raw.features if datamodule.cohort is not None else None
-        if features is None:
+        if datamodule.cohort is None:
             datamodule.setup(stage)
-            features = datamodule.cohort.raw.features
-        self._build([f.name for f in features if not f.demographic], sum(f.demographic for f in features))
+        features = datamodule.cohort.raw.features
+        names = [f.name for f in features if not f.demographic]
+        if self.net is not None:  # built from a checkpoint's hyperparameters (`--ckpt_path` fills them in)
+            _check_same_features(self.hparams.feature_names, names, "the model")
+            return
+        self._build(names, sum(f.demographic for f in features))
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -111,17 +112,8 @@ class ConCareModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint trained on another feature set, listing the mismatch."""
         saved = checkpoint.get("hyper_parameters", {}).get("feature_names")
-        current = self.hparams.get("feature_names")
-        if saved is None or current is None or list(saved) == list(current):
-            return
-        missing = [n for n in current if n not in saved]
-        extra = [n for n in saved if n not in current]
-        detail = f"features missing from the checkpoint: {missing}; features only in the checkpoint: {extra}"
-        if not missing and not extra:
-            detail = "same features in a different order"
-        raise EAGRLInputError(
-            f"the checkpoint was trained on {len(saved)} features, this data has {len(current)}: {detail}"
-        )
+        if saved is not None and self.hparams.get("feature_names") is not None:
+            _check_same_features(saved, self.hparams.feature_names, "the checkpoint")
 
     def model_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check_finite(batch)
@@ -169,3 +161,15 @@ class ConCareModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def _check_same_features(trained: list[str], current: list[str], what: str) -> None:
+    """Raise ``EAGRLInputError`` listing the difference when ``trained`` and ``current`` differ."""
+    if list(trained) == list(current):
+        return
+    missing = [n for n in current if n not in trained]
+    extra = [n for n in trained if n not in current]
+    detail = f"features missing from {what}: {missing}; features only in {what}: {extra}"
+    if not missing and not extra:
+        detail = "the same features in a different order"
+    raise EAGRLInputError(f"{what} was trained on {len(trained)} features, this data has {len(current)}: {detail}")
