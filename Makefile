@@ -10,7 +10,8 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all reproduce summaries bench clean-cache
+.PHONY: help install test test-fast reproduce summaries concare bench clean-cache
+RUNS ?= runs
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -37,7 +38,17 @@ summaries: install  ## print the cohort summary of every shipped dataset/task
 	$(PY) -m eagrl summary --config configs/mimic_iv/mortality_data.yaml | tee results/summary_mimic_iv_mortality.json
 	$(PY) -m eagrl summary --config configs/mimic_iv/readmission_data.yaml | tee results/summary_mimic_iv_readmission.json
 
-reproduce: install summaries  ## run the whole pipeline on the embedded defaults (PROFILE=cpu|paper)
+# The expert: ConCare per dataset/task (about 1 min each on 2 CPU cores). Each run directory holds
+# config.yaml, metrics.json, checkpoints/ and expert_attention.jsonl (the expert signal of stages 1-2).
+# make skips a run whose expert_attention.jsonl is newer than its config.
+$(RUNS)/tjh/concare/expert_attention.jsonl: configs/tjh/concare.yaml | install
+	$(PY) -m eagrl fit --config $< --trainer.default_root_dir $(@D)
+$(RUNS)/mimic_iv/concare_%/expert_attention.jsonl: configs/mimic_iv/concare_%.yaml | install
+	$(PY) -m eagrl fit --config $< --trainer.default_root_dir $(@D)
+
+concare: $(RUNS)/tjh/concare/expert_attention.jsonl $(RUNS)/mimic_iv/concare_mortality/expert_attention.jsonl $(RUNS)/mimic_iv/concare_readmission/expert_attention.jsonl  ## train the ConCare experts (TJH, MIMIC-IV mortality and readmission)
+
+reproduce: install summaries concare  ## run the whole pipeline on the embedded defaults (PROFILE=cpu|paper)
 
 bench: install  ## preprocessing speed and memory benchmark
 	$(PY) benchmarks/preprocessing.py
