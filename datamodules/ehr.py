@@ -47,6 +47,7 @@ class EHRDataset(Dataset):
         x = self.cohort.normalised[rows]  # [T, F]
         return {
             "id": str(raw.sample_ids[k]),
+            "index": i,
             "x": x,
             "missing": self.cohort.missing[rows],  # [T, F] bool
             "days": raw.days[rows],  # [T]
@@ -58,6 +59,11 @@ class EHRDataset(Dataset):
     @property
     def labels(self) -> np.ndarray:
         return self.cohort.raw.labels[self.task][self.index]
+
+    def visits(self, i: int) -> int:
+        """Number of visits (days) of sample ``i``."""
+        rows = self.cohort.raw.rows(int(self.index[i]))
+        return rows.stop - rows.start
 
     def text(self, i: int, **overrides: Any) -> str:
         """The LLM serialisation of sample ``i`` (options from the datamodule, overridable here)."""
@@ -71,7 +77,8 @@ def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
 
     Returns x [B, T, F] float32 (0 in padding), missing [B, T, F] bool (True in padding),
     mask [B, T] bool (True on real days), lengths [B] int64, days [B, T] int64,
-    demographics [B, D] float32, label [B] float32, raw [B, T, F] float32 (NaN in padding), id list[str].
+    demographics [B, D] float32, label [B] float32, raw [B, T, F] float32 (NaN in padding), id list[str],
+    index [B] int64 (positions in the split's dataset, for ``EHRDataset.text``).
     """
     batch, longest = len(items), max(len(item["x"]) for item in items)
     n_features = items[0]["x"].shape[1]
@@ -88,6 +95,7 @@ def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
         days[b, :t] = torch.from_numpy(item["days"].astype(np.int64))
     return {
         "id": [item["id"] for item in items],
+        "index": torch.tensor([item.get("index", -1) for item in items]),
         "x": x,
         "missing": missing,
         "mask": torch.arange(longest)[None, :] < lengths[:, None],

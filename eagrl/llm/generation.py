@@ -1,0 +1,132 @@
+"""Batched generation through transformers' ``generate`` (left padding, KV cache), and the yes/no scorer.
+
+``generate`` sorts prompts by length so each batch pads little, runs them ``batch_size`` at a time, and
+returns the completions in the input order with their token counts. ``yes_no_probability`` is the
+token-probability scorer for small models that do not write calibrated numbers: one forward pass over
+``prompt + completion + cue`` and ŷ = P(yes) / (P(yes) + P(no)) for the next token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+ANSWER_CUE = "\nIs the outcome likely (yes or no)? Answer:"
+
+
+@dataclass
+class SamplingOptions:
+    """Settings of one generation call.
+
+    Args:
+        max_new_tokens: the longest completion, in tokens.
+        do_sample: sample (True) or decode greedily (False).
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass.
+        top_k: keep the k most likely tokens (0: all).
+        repetition_penalty: >1 discourages repeating tokens.
+    """
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def generation_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "repetition_penalty": self.repetition_penalty}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:  # greedy: no sampling settings (transformers warns about unused ones)
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+@dataclass
+class Generation:
+    """One completion: its text (special tokens removed), token counts, and whether it ended by itself."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    finished: bool
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    options: SamplingOptions = SamplingOptions(),
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "generating",
+    generator_seed: Optional[int] = None,
+) -> list[Generation]:
+    """Complete every prompt (already chat-templated text). Returns one ``Generation`` per prompt, in order."""
+    if not prompts:
+        return []
+    tokenizer.padding_side = "left"
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    results: list[Optional[Generation]] = [None] * len(prompts)
+    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    was_training = model.training
+    model.eval()
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(_device(model))
+        output = model.generate(**batch, **options.generation_kwargs(), pad_token_id=tokenizer.pad_token_id)
+        new = output[:, batch["input_ids"].shape[1] :]  # [b, new]
+        for row, i in enumerate(chunk):
+            tokens = new[row].tolist()
+            length = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
+            finished = length < len(tokens) or (tokens and tokens[length - 1] in eos)
+            text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
+            results[i] = Generation(text, len(encoded[i]), length, bool(finished))
+        bar.update(len(chunk))
+    bar.close()
+    model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def _single_token_ids(tokenizer, words: tuple[str, ...]) -> list[int]:
+    ids = set()
+    for word in words:
+        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(tokens) == 1:
+            ids.add(tokens[0])
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def yes_no_probability(model, tokenizer, texts: list[str], batch_size: int = 8) -> list[float]:
+    """P(yes) / (P(yes) + P(no)) for the token after each text (summed over spellings: yes, Yes, ' yes', ...)."""
+    yes = _single_token_ids(tokenizer, ("yes", " yes", "Yes", " Yes", "YES", " YES"))
+    no = _single_token_ids(tokenizer, ("no", " no", "No", " No", "NO", " NO"))
+    if not yes or not no:
+        raise ValueError("the tokenizer has no single-token 'yes'/'no': use the parse scorer")
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt")
+        logits = model(**batch.to(_device(model))).logits[:, -1].float()  # [b, V]
+        log_probs = torch.log_softmax(logits, dim=-1)
+        p_yes = log_probs[:, yes].logsumexp(dim=-1)  # [b]
+        p_no = log_probs[:, no].logsumexp(dim=-1)  # [b]
+        out.extend(torch.sigmoid(p_yes - p_no).tolist())  # = P(yes) / (P(yes) + P(no))
+    model.train(was_training)
+    return out

@@ -1,0 +1,225 @@
+"""Read the prediction ŷ and the important-feature set C out of a completion. Never raises.
+
+The probability rule (``parse_probability``), applied to the text after the last ``<Final Answer>`` tag
+(up to the next tag), or to the whole completion when that tag is missing:
+
+1. the first number there (the last one when the tag is missing; ``0.73``, ``.73``, ``73%``, ``73 percent``, ``7.3e-1``) is read: with a percent sign or
+   word it is divided by 100; a bare number in [0, 1] is the probability; a bare number in (1, 100] is read
+   as a percentage (``73`` -> 0.73); anything else (negative, above 100, ``nan``, ``inf``, ``1e309``) is
+   out of range -> None;
+2. with no number, the first (last, without the tag) ``yes`` / ``no`` word gives 1.0 / 0.0;
+3. otherwise None (unparseable; the rewards give it their minimum).
+
+Feature names (``FeatureMatcher``): the text after the last ``<Important Features>`` tag (up to the next
+tag) is split on commas, semicolons, new lines and " and "; each item is normalised (case, spacing,
+punctuation, bullets, a trailing parenthesised unit) and looked up among the dataset's feature names and
+a small alias table. Unknown names are dropped (and counted); duplicates are kept once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+TAG = re.compile(r"<\s*/?\s*([A-Za-z][A-Za-z ]*?)\s*>")
+NUMBER = re.compile(r"(?<![\w.])([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)(?!\d|\.\d)\s*(%|percent\b)?", re.IGNORECASE)
+YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+# A small alias table: common ways of writing a feature -> its name in the data (matched after normalising).
+ALIASES = {
+    # TJH
+    "troponin": "Hypersensitive cardiac troponinI",
+    "hs ctni": "Hypersensitive cardiac troponinI",
+    "hypersensitive cardiac troponin i": "Hypersensitive cardiac troponinI",
+    "cardiac troponin": "Hypersensitive cardiac troponinI",
+    "ldh": "Lactate dehydrogenase",
+    "crp": "High sensitivity C-reactive protein",
+    "hs crp": "High sensitivity C-reactive protein",
+    "c reactive protein": "High sensitivity C-reactive protein",
+    "d dimer": "D-D dimer",
+    "ddimer": "D-D dimer",
+    "lymphocyte percentage": "(%)lymphocyte",
+    "lymphocytes": "(%)lymphocyte",
+    "lymphocyte": "(%)lymphocyte",
+    "neutrophil percentage": "neutrophils(%)",
+    "neutrophils": "neutrophils(%)",
+    "il 6": "Interleukin 6",
+    "il6": "Interleukin 6",
+    "il 10": "Interleukin 10",
+    "il 8": "Interleukin 8",
+    "il 2r": "Interleukin 2 receptor",
+    "tnf alpha": "Tumor necrosis factorα",
+    "tnf α": "Tumor necrosis factorα",
+    "nt probnp": "Amino-terminal brain natriuretic peptide precursor(NT-proBNP)",
+    "inr": "International standard ratio",
+    "aptt": "Activation of partial thromboplastin time",
+    "pt": "Prothrombin time",
+    "alt": "glutamic-pyruvic transaminase",
+    "ast": "aspartate aminotransferase",
+    "ggt": "γ-glutamyl transpeptidase",
+    "wbc": "White blood cell count",
+    "white blood cells": "White blood cell count",
+    "rbc": "Red blood cell count",
+    "platelets": "Platelet count",
+    "plt": "Platelet count",
+    "rdw": "Red blood cell distribution width",
+    "ph": "PH value",
+    "sodium": "serum sodium",
+    "potassium": "Serum potassium",
+    "chloride": "Serum chloride",
+    "bicarbonate": "HCO3-",
+    "bun": "Urea",
+    "esr": "ESR",
+    # MIMIC-IV
+    "hr": "Heart rate",
+    "pulse": "Heart rate",
+    "spo2": "Oxygen saturation",
+    "o2 saturation": "Oxygen saturation",
+    "fio2": "Fraction inspired oxygen",
+    "rr": "Respiratory rate",
+    "sbp": "Systolic blood pressure",
+    "dbp": "Diastolic blood pressure",
+    "map": "Mean blood pressure",
+    "gcs": "Glasgow coma scale total",
+    "gcs total": "Glasgow coma scale total",
+    "glasgow coma scale": "Glasgow coma scale total",
+    "gcs eye": "Glasgow coma scale eye opening",
+    "gcs motor": "Glasgow coma scale motor response",
+    "gcs verbal": "Glasgow coma scale verbal response",
+    "temp": "Temperature",
+    "blood glucose": "Glucose",
+    "capillary refill": "Capillary refill rate",
+}
+
+
+def _tag_name(match: re.Match) -> str:
+    return " ".join(match.group(1).lower().split())
+
+
+def section(text: str, tag: str) -> Optional[str]:
+    """The text after the last ``<tag>`` up to the next tag (opening or closing), or None."""
+    if not isinstance(text, str):
+        return None
+    tags = list(TAG.finditer(text))
+    wanted = " ".join(tag.lower().split())
+    starts = [i for i, m in enumerate(tags) if _tag_name(m) == wanted and not m.group(0).replace(" ", "").startswith("</")]
+    if not starts:
+        return None
+    i = starts[-1]
+    end = tags[i + 1].start() if i + 1 < len(tags) else len(text)
+    return text[tags[i].end() : end]
+
+
+def parse_probability(text: str) -> Optional[float]:
+    """ŷ in [0, 1] from a completion (the rule in the module docstring), or None."""
+    if not isinstance(text, str):
+        return None
+    region = section(text, "Final Answer")
+    tagged = region is not None
+    region = region if tagged else text[-2000:]
+    numbers = list(NUMBER.finditer(region))
+    if numbers:
+        match = numbers[0] if tagged else numbers[-1]
+        try:
+            value = float(match.group(1))
+        except ValueError:
+            return None
+        if not math.isfinite(value):
+            return None
+        if match.group(2):
+            value /= 100.0
+        elif 1.0 < value <= 100.0:
+            value /= 100.0
+        return value if 0.0 <= value <= 1.0 else None
+    if re.search(r"\bnan\b|\binf", region, re.IGNORECASE):
+        return None
+    words = list(YES_NO.finditer(region))
+    if words:
+        word = words[0] if tagged else words[-1]
+        return 1.0 if word.group(1).lower() == "yes" else 0.0
+    return None
+
+
+def normalise_name(name: str) -> str:
+    """Lower case, Unicode-folded, punctuation and bullets to spaces, one space between words."""
+    text = unicodedata.normalize("NFKC", str(name)).lower()
+    text = re.sub(r"^\s*(?:[-*•]+|\d+[.)])\s*", "", text)  # a bullet or "1." / "1)"
+    text = re.sub(r"[\"'`“”‘’]", "", text)
+    text = re.sub(r"[^\w%#]+", " ", text)
+    return " ".join(text.split())
+
+
+@dataclass
+class FeatureMatcher:
+    """Maps written feature names onto the dataset's names.
+
+    Args:
+        names: the dataset's feature names.
+        aliases: extra ``written form -> feature name`` pairs (added to ``ALIASES``; only those whose
+            target is in ``names`` are used).
+    """
+
+    names: list[str]
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        known = set(self.names)
+        table: dict[str, str] = {}
+        for written, target in {**ALIASES, **self.aliases}.items():
+            if target in known:
+                table[normalise_name(written)] = target
+        for name in self.names:
+            table[normalise_name(name)] = name
+            table[normalise_name(name).replace(" ", "")] = name
+            stripped = normalise_name(re.sub(r"\(.*?\)", " ", name))  # "neutrophils(%)" -> "neutrophils"
+            table.setdefault(stripped, name)
+        self.table = table
+
+    def match(self, written: str) -> Optional[str]:
+        key = normalise_name(written)
+        if not key:
+            return None
+        found = self.table.get(key) or self.table.get(key.replace(" ", ""))
+        if found is None:
+            without_unit = normalise_name(re.sub(r"\(.*?\)|\[.*?\]", " ", str(written)))
+            found = self.table.get(without_unit)
+        return found
+
+    def parse(self, text: str) -> tuple[list[str], int]:
+        """``(matched names in order of mention, count of unknown items)`` from a completion."""
+        region = section(text, "Important Features")
+        if region is None:
+            return [], 0
+        items = [item for item in re.split(r"[,;\n]|\band\b", region) if item.strip()]
+        found: list[str] = []
+        unknown = 0
+        for item in items[:200]:  # a runaway list is cut, not walked forever
+            name = self.match(item)
+            if name is None:
+                unknown += 1
+            elif name not in found:
+                found.append(name)
+        return found, unknown
+
+
+@dataclass
+class ParsedAnswer:
+    """What a completion says: ŷ (None when unparseable), the named features, the unknown-name count."""
+
+    probability: Optional[float]
+    features: list[str]
+    unknown_features: int
+
+
+def parse_answer(text: str, matcher: FeatureMatcher) -> ParsedAnswer:
+    if not isinstance(text, str):
+        return ParsedAnswer(None, [], 0)
+    features, unknown = matcher.parse(text)
+    return ParsedAnswer(parse_probability(text), features, unknown)
+
+
+def parse_answers(texts: Iterable[str], matcher: FeatureMatcher) -> list[ParsedAnswer]:
+    return [parse_answer(text, matcher) for text in texts]

@@ -1,0 +1,219 @@
+"""Prompting baselines (METHOD.md §6): Vanilla, Think-then-Answer and Question Decomposition, zero-shot.
+
+``python -m eagrl test --config configs/tjh/prompting_vanilla.yaml --trainer.default_root_dir DIR``
+prompts the backbone with every test patient, reads ŷ (parsed from the answer, or the yes/no token
+probability), scores the named features against the expert's top-k, and logs ``test/auroc``,
+``test/auprc`` (bootstrap), ``test/parse_rate``, ``test/r_att``, ``test/r_cls``, ``test/reward`` and token
+counts; the completions go to ``DIR/generations.jsonl`` (never to a logger).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from tqdm.auto import tqdm
+
+from eagrl.data.expert import load_expert_attention
+from eagrl.errors import EAGRLInputError
+from eagrl.evaluation import bootstrap_metrics
+from eagrl.io import atomic_path
+from eagrl.llm.generation import ANSWER_CUE, SamplingOptions, generate, yes_no_probability
+from eagrl.llm.parsing import FeatureMatcher, parse_answer
+from eagrl.llm.prompts import build_prompt
+from eagrl.models.backbone import BackboneOptions, context_length, load_backbone
+from eagrl.rl.rewards import RewardConfig, combined_reward
+
+
+class PromptFitter:
+    """Builds a patient's prompt within the model's context: with ``truncate_visits`` the oldest visits
+    are dropped until prompt + completion fit; otherwise (or when one visit is still too long) one clear
+    error. The question and instructions are never cut."""
+
+    def __init__(self, tokenizer, limit: int, dataset: str, task: str, style: str, max_steps: int, truncate_visits: bool):
+        self.tokenizer, self.limit, self.truncate_visits = tokenizer, limit, truncate_visits
+        self.dataset, self.task, self.style, self.max_steps = dataset, task, style, max_steps
+
+    def _build(self, data, i: int, visits: Optional[int]) -> tuple[str, int]:
+        text = data.text(i) if visits is None else data.text(i, max_visits=visits)
+        prompt = build_prompt(self.tokenizer, text, self.dataset, self.task, self.style, self.max_steps)
+        return prompt, len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, data, i: int) -> tuple[str, int, int]:
+        """``(prompt, its length in tokens, visits shown)`` for sample ``i`` of ``data`` (an EHRDataset)."""
+        total = data.visits(i)
+        shown = min(total, data.text_options.get("max_visits") or total)
+        prompt, length = self._build(data, i, None)
+        if length <= self.limit:
+            return prompt, length, shown
+        if not self.truncate_visits:
+            raise EAGRLInputError(
+                f"the prompt of sample {i} of the {data.split} split is {length} tokens, over the {self.limit} left for "
+                "the prompt in the model's context: set model.init_args.truncate_visits true (drops the oldest "
+                "visits), or data.init_args.max_visits, or a shorter max_new_tokens"
+            )
+        low, high, best = 1, shown - 1, None  # the most visits that fit (binary search)
+        while low <= high:
+            middle = (low + high) // 2
+            candidate = self._build(data, i, middle)
+            if candidate[1] <= self.limit:
+                best, low = (*candidate, middle), middle + 1
+            else:
+                high = middle - 1
+        if best is None:
+            raise EAGRLInputError(
+                f"even the last visit of sample {i} of the {data.split} split does not fit in {self.limit} prompt tokens: "
+                "use a model with a longer context or a shorter max_new_tokens"
+            )
+        return best
+
+
+class PromptingModule(L.LightningModule):
+    """A zero-shot prompting baseline (``test`` only).
+
+    Args:
+        style: ``vanilla`` (direct probability), ``think`` (Think-then-Answer) or ``decomposition``.
+        backbone: which LLM and how to load it.
+        sampling: generation settings (greedy by default).
+        scorer: ``parse`` reads ŷ from the answer text; ``token_probability`` uses P(yes)/(P(yes)+P(no))
+            after the completion and a yes/no cue (for small models that write no calibrated numbers).
+        generation_batch_size: prompts per ``generate`` call.
+        max_steps: the most sub-questions asked for in the decomposition prompt.
+        expert_attention: the ConCare run's ``expert_attention.jsonl`` (None: no alignment reward).
+        top_k: expert features per patient (None: the file's own top_k).
+        reward: the combined reward's settings.
+        truncate_visits: drop the oldest visits of a prompt longer than the context (else: an error).
+        unparsed_probability: ŷ used in AUROC/AUPRC for an unparseable answer.
+        n_bootstrap: bootstrap resamples of the test metrics.
+        bootstrap_seed: their seed.
+        progress: a progress bar over patients.
+        generations_file: file name of the completions in the run directory.
+    """
+
+    def __init__(
+        self,
+        style: Literal["vanilla", "think", "decomposition"] = "vanilla",
+        backbone: BackboneOptions = BackboneOptions(),
+        sampling: SamplingOptions = SamplingOptions(max_new_tokens=32),
+        scorer: Literal["parse", "token_probability"] = "parse",
+        generation_batch_size: PositiveInt = 8,
+        max_steps: PositiveInt = 4,
+        expert_attention: Optional[str] = None,
+        top_k: Optional[PositiveInt] = None,
+        reward: RewardConfig = RewardConfig(),
+        truncate_visits: bool = True,
+        unparsed_probability: float = 0.5,
+        n_bootstrap: NonNegativeInt = 100,
+        bootstrap_seed: int = 0,
+        progress: bool = True,
+        generations_file: str = "generations.jsonl",
+    ):
+        super().__init__()
+        if not 0.0 <= unparsed_probability <= 1.0:
+            raise EAGRLInputError(f"model.unparsed_probability must be within [0, 1], got {unparsed_probability}")
+        self.save_hyperparameters(ignore=["backbone", "sampling", "reward"])
+        self.hparams.update(backbone=asdict(backbone), sampling=asdict(sampling), reward=asdict(reward))
+        self.backbone_options, self.sampling, self.reward = backbone, sampling, reward
+        self.llm = None
+        self.tokenizer = None
+        self.records: list[dict[str, Any]] = []
+
+    def configure_model(self) -> None:
+        if self.llm is None:
+            self.llm, self.tokenizer = load_backbone(self.backbone_options)
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule.cohort is None:
+            datamodule.setup(stage)
+        self.configure_model()
+        names = datamodule.cohort.raw.feature_names
+        self.matcher = FeatureMatcher(names)
+        self.expert = None
+        if self.hparams.expert_attention:
+            ids = [datamodule.datasets["test"][i]["id"] for i in range(len(datamodule.datasets["test"]))]
+            self.expert = load_expert_attention(self.hparams.expert_attention, names, ids, self.hparams.top_k)
+        limit = context_length(self.llm, self.backbone_options) - self.sampling.max_new_tokens
+        self.fit_prompt = PromptFitter(
+            self.tokenizer, limit, datamodule.dataset, datamodule.task, self.hparams.style, self.hparams.max_steps, self.hparams.truncate_visits
+        )
+
+    def on_test_epoch_start(self) -> None:
+        self.records = []
+        total = len(self.trainer.datamodule.datasets["test"])
+        self.bar = tqdm(total=total, desc="prompting", unit="patient", disable=not self.hparams.progress, leave=False)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        data = self.trainer.datamodule.datasets["test"]
+        built = [self.fit_prompt(data, int(i)) for i in batch["index"]]
+        prompts = [prompt for prompt, _, _ in built]
+        generations = generate(
+            self.llm, self.tokenizer, prompts, self.sampling, self.hparams.generation_batch_size,
+            progress=False, generator_seed=None,
+        )  # fmt: skip
+        parsed = [parse_answer(g.text, self.matcher) for g in generations]
+        if self.hparams.scorer == "token_probability":
+            cued = [p + g.text + ANSWER_CUE for p, g in zip(prompts, generations)]
+            y_hat = yes_no_probability(self.llm, self.tokenizer, cued, self.hparams.generation_batch_size)
+        else:
+            y_hat = [p.probability for p in parsed]
+        labels = batch["label"].long().tolist()
+        expert = [self.expert[i] if self.expert else [] for i in batch["id"]]
+        rewards = combined_reward(y_hat, labels, [p.features for p in parsed], expert, self.reward)
+        for k, sample in enumerate(batch["id"]):
+            self.records.append(
+                {
+                    "id": sample,
+                    "label": labels[k],
+                    "y_hat": y_hat[k],
+                    "parsed": parsed[k].probability is not None,
+                    "features": parsed[k].features,
+                    "unknown_features": parsed[k].unknown_features,
+                    "expert_top_k": expert[k],
+                    "r_cls": float(rewards["r_cls"][k]),
+                    "r_att": float(rewards["r_att"][k]),
+                    "reward": float(rewards["reward"][k]),
+                    "prompt_tokens": built[k][1],
+                    "visits_shown": built[k][2],
+                    "new_tokens": generations[k].new_tokens,
+                    "finished": generations[k].finished,
+                    "completion": generations[k].text,
+                }
+            )
+        self.bar.update(len(batch["id"]))
+
+    def on_test_epoch_end(self) -> None:
+        self.bar.close()
+        records = self.records
+        if not records:
+            return
+        fill = self.hparams.unparsed_probability
+        probs = torch.tensor([r["y_hat"] if r["y_hat"] is not None else fill for r in records], dtype=torch.float64)
+        labels = torch.tensor([r["label"] for r in records])
+        metrics = bootstrap_metrics(probs, labels, self.hparams.n_bootstrap, self.hparams.bootstrap_seed)
+        n = len(records)
+        metrics.update(
+            parse_rate=sum(r["parsed"] for r in records) / n,
+            r_cls=sum(r["r_cls"] for r in records) / n,
+            reward=sum(r["reward"] for r in records) / n,
+            prompt_tokens=sum(r["prompt_tokens"] for r in records) / n,
+            new_tokens=sum(r["new_tokens"] for r in records) / n,
+            samples=float(n),
+        )
+        if self.expert is not None:
+            metrics["r_att"] = sum(r["r_att"] for r in records) / n
+        self.log_dict({f"test/{k}": (v if math.isfinite(v) else float("nan")) for k, v in metrics.items()})
+        if self.trainer.is_global_zero:
+            path = Path(self.trainer.default_root_dir) / self.hparams.generations_file
+            with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+                for record in records:
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def configure_optimizers(self):  # a baseline: nothing to train
+        return None
