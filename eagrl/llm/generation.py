@@ -23,6 +23,7 @@ class SamplingOptions:
 
     Args:
         max_new_tokens: the longest completion, in tokens.
+        min_new_tokens: the shortest completion (end-of-text is suppressed before it; benchmarks use it).
         do_sample: sample (True) or decode greedily (False).
         temperature: sampling temperature.
         top_p: nucleus sampling mass.
@@ -31,6 +32,7 @@ class SamplingOptions:
     """
 
     max_new_tokens: int = 256
+    min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -39,6 +41,8 @@ class SamplingOptions:
 
     def generation_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "repetition_penalty": self.repetition_penalty}
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:  # greedy: no sampling settings (transformers warns about unused ones)
