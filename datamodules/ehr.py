@@ -48,6 +48,7 @@ class EHRDataset(Dataset):
         return {
             "id": str(raw.sample_ids[k]),
             "index": i,
+            "split": self.split,
             "x": x,
             "missing": self.cohort.missing[rows],  # [T, F] bool
             "days": raw.days[rows],  # [T]
@@ -96,6 +97,7 @@ def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "id": [item["id"] for item in items],
         "index": torch.tensor([item.get("index", -1) for item in items]),
+        "split": [item.get("split", "") for item in items],
         "x": x,
         "missing": missing,
         "mask": torch.arange(longest)[None, :] < lengths[:, None],
@@ -130,6 +132,8 @@ class EHRDataModule(L.LightningDataModule):
         max_steps: MIMIC-IV days kept per stay (earlier days collapse into the first kept one).
         rebuild_cache: ignore a valid cache and preprocess again.
         progress: show progress bars while preprocessing.
+        predict_splits: the splits ``predict`` runs over (one dataloader each), e.g. ``[train, val]`` for
+            stage 1's distillation.
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class EHRDataModule(L.LightningDataModule):
         max_steps: PositiveInt = 8,
         rebuild_cache: bool = False,
         progress: bool = True,
+        predict_splits: list[Literal["train", "val", "test"]] = ["test"],  # noqa: B006 - jsonargparse needs a value
     ):
         super().__init__()
         if dataset not in DATASET_TASKS:
@@ -164,6 +169,8 @@ class EHRDataModule(L.LightningDataModule):
             raise EAGRLInputError(f"data.split: 'published' exists only for tjh; use 'stratified' for {dataset}")
         if not 0.0 <= shuffle_fraction <= 1.0:
             raise EAGRLInputError(f"data.shuffle_fraction must be within [0, 1], got {shuffle_fraction}")
+        if not predict_splits:
+            raise EAGRLInputError("data.predict_splits must name at least one of train, val, test")
         self.save_hyperparameters()
         self.dataset, self.task, self.split = dataset, task, split
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -251,8 +258,9 @@ class EHRDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        loaders = [self._loader(split, shuffle=False) for split in self.hparams.predict_splits]
+        return loaders[0] if len(loaders) == 1 else loaders
 
     # ------------------------------------------------------------------------------------- extras
     @property

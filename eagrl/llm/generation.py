@@ -74,8 +74,11 @@ def generate(
     progress: bool = False,
     desc: str = "generating",
     generator_seed: Optional[int] = None,
+    stop_strings: Optional[list[str]] = None,
 ) -> list[Generation]:
-    """Complete every prompt (already chat-templated text). Returns one ``Generation`` per prompt, in order."""
+    """Complete every prompt (already chat-templated text). Returns one ``Generation`` per prompt, in order.
+
+    ``stop_strings``: a sequence stops at the first of them, and its text is cut just before it."""
     if not prompts:
         return []
     tokenizer.padding_side = "left"
@@ -91,13 +94,17 @@ def generate(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(_device(model))
-        output = model.generate(**batch, **options.generation_kwargs(), pad_token_id=tokenizer.pad_token_id)
+        extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+        output = model.generate(**batch, **options.generation_kwargs(), **extra, pad_token_id=tokenizer.pad_token_id)
         new = output[:, batch["input_ids"].shape[1] :]  # [b, new]
         for row, i in enumerate(chunk):
             tokens = new[row].tolist()
             length = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
             finished = length < len(tokens) or (tokens and tokens[length - 1] in eos)
             text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
+            cut = min((k for k in (text.find(s) for s in stop_strings or ()) if k >= 0), default=-1)
+            if cut >= 0:
+                text, finished = text[:cut], True
             results[i] = Generation(text, len(encoded[i]), length, bool(finished))
         bar.update(len(chunk))
     bar.close()

@@ -1,0 +1,1 @@
+"""Stage 1's expert-guided trajectory search (no Lightning inside)."""

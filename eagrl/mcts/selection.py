@@ -1,0 +1,62 @@
+"""Which searched trajectories become SFT data (METHOD.md §3): per patient, then across patients."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from eagrl.mcts.search import Trajectory
+
+
+@dataclass
+class SelectionConfig:
+    """Per-patient selection of the searched trajectories.
+
+    Args:
+        top_k: trajectories kept per patient, by reward R (METHOD.md: the best 1-2).
+        drop_wrong: drop trajectories whose prediction is on the wrong side of 0.5 (or unparseable).
+        min_alignment: drop trajectories whose R_att is below this.
+        require_answer: drop trajectories without a parseable final answer (off only for smoke runs
+            with random models).
+    """
+
+    top_k: int = 2
+    drop_wrong: bool = True
+    min_alignment: float = 0.0
+    require_answer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"selection.top_k must be >= 1, got {self.top_k}")
+
+
+def select_trajectories(trajectories: Sequence[Trajectory], label: int, config: SelectionConfig = SelectionConfig()) -> list[Trajectory]:
+    """The best ``top_k`` distinct trajectories by R that pass the filters (ties: the earlier found)."""
+    kept, seen = [], set()
+    for trajectory in sorted(trajectories, key=lambda t: -t.reward):  # sorted() is stable
+        if trajectory.y_hat is None and (config.require_answer or config.drop_wrong):
+            continue
+        if config.drop_wrong and (trajectory.y_hat >= 0.5) != (label == 1):
+            continue
+        if trajectory.r_att < config.min_alignment or trajectory.text in seen:
+            continue
+        seen.add(trajectory.text)
+        kept.append(trajectory)
+        if len(kept) == config.top_k:
+            break
+    return kept
+
+
+def balance_patients(records: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """Keep as many positive as negative patients (all lines of a kept patient), dropping a seeded random
+    subset of the majority class's patients. ``records`` need ``id`` and ``label``."""
+    by_label: dict[int, list[str]] = {0: [], 1: []}
+    for record in records:
+        ids = by_label[int(record["label"])]
+        if record["id"] not in ids:
+            ids.append(record["id"])
+    n = min(len(by_label[0]), len(by_label[1]))
+    rng = random.Random(seed)
+    keep = set(rng.sample(by_label[0], n)) | set(rng.sample(by_label[1], n))
+    return [record for record in records if record["id"] in keep]

@@ -1,0 +1,159 @@
+"""Stage 1 as a ``predict`` run: expert-guided MCTS over the LLM's decomposition trajectories.
+
+``python -m eagrl predict --config configs/tjh/distill.yaml --trainer.default_root_dir DIR`` searches
+every patient of ``data.predict_splits`` (batches of patients, all their expansions batched together),
+keeps the best trajectories per patient (``selection``) and appends them to ``DIR/trajectories.jsonl``
+through ``TrajectoryWriter``; rerunning the command resumes (see ``eagrl.mcts.store``).
+
+Determinism: each batch is searched under a seed made of ``seed``, the dataloader and the batch index.
+A batch with any unfinished patient is searched again whole (only its unfinished patients are written),
+so a resumed run writes exactly what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from jsonargparse.typing import PositiveInt
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from eagrl.data.expert import load_expert_attention
+from eagrl.llm.parsing import FeatureMatcher
+from eagrl.mcts.policy import LLMPolicy, PolicySampling
+from eagrl.mcts.search import Patient, SearchConfig, search
+from eagrl.mcts.selection import SelectionConfig, select_trajectories
+from eagrl.mcts.store import TrajectoryStore
+from eagrl.models.backbone import BackboneOptions, context_length, load_backbone
+from eagrl.rl.rewards import RewardConfig
+from lightning_modules.prompting import PromptFitter
+
+
+class TrajectoryWriter(BasePredictionWriter):
+    """Appends each finished patient's kept trajectories to ``<default_root_dir>/<filename>`` (resumable).
+
+    Args:
+        filename: the trajectory file in the run directory.
+    """
+
+    def __init__(self, filename: str = "trajectories.jsonl"):
+        super().__init__(write_interval="batch")
+        self.filename = filename
+        self.store: TrajectoryStore | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.store = TrajectoryStore(Path(trainer.default_root_dir) / self.filename)
+        self.store.recover()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        for patient in prediction or []:
+            self.store.append(patient["id"], patient["lines"])
+
+
+class DistillModule(L.LightningModule):
+    """Expert-guided trajectory distillation (``predict`` only).
+
+    Args:
+        expert_attention: the ConCare run's ``expert_attention.jsonl``.
+        backbone: the policy LLM.
+        search: MCTS settings.
+        sampling: sampling of sub-questions, answers and final steps.
+        selection: which trajectories of a patient are kept.
+        reward: the combined reward's settings.
+        top_k: expert features per patient (None: the file's own top_k).
+        generation_batch_size: sequences per ``generate`` call.
+        max_steps: the most sub-questions asked for in the prompt.
+        truncate_visits: drop the oldest visits of a prompt longer than the context.
+        seed: base seed of the search.
+    """
+
+    def __init__(
+        self,
+        expert_attention: str,
+        backbone: BackboneOptions = BackboneOptions(),
+        search: SearchConfig = SearchConfig(),
+        sampling: PolicySampling = PolicySampling(),
+        selection: SelectionConfig = SelectionConfig(),
+        reward: RewardConfig = RewardConfig(),
+        top_k: Optional[PositiveInt] = None,
+        generation_batch_size: PositiveInt = 16,
+        max_steps: PositiveInt = 4,
+        truncate_visits: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "search", "sampling", "selection", "reward"])
+        self.hparams.update(
+            backbone=asdict(backbone), search=asdict(search), sampling=asdict(sampling), selection=asdict(selection), reward=asdict(reward)
+        )
+        self.backbone_options, self.search_config, self.sampling = backbone, search, sampling
+        self.selection, self.reward = selection, reward
+        self.llm = None
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule.cohort is None:
+            datamodule.setup(stage)
+        names = datamodule.cohort.raw.feature_names
+        ids = [data[i]["id"] for split in datamodule.hparams.predict_splits for data in [datamodule.datasets[split]] for i in range(len(data))]
+        self.expert = load_expert_attention(self.hparams.expert_attention, names, ids, self.hparams.top_k)  # before the model
+        if self.llm is None:
+            self.llm, self.tokenizer = load_backbone(self.backbone_options)
+        self.matcher = FeatureMatcher(names)
+        self.policy = LLMPolicy(self.llm, self.tokenizer, self.sampling, self.hparams.generation_batch_size)
+        longest = max(self.sampling.subquestion.max_new_tokens + self.sampling.answer.max_new_tokens, self.sampling.final.max_new_tokens)
+        limit = context_length(self.llm, self.backbone_options) - self.search_config.max_depth * longest
+        self.fit_prompt = PromptFitter(
+            self.tokenizer, limit, datamodule.dataset, datamodule.task, "decomposition", self.hparams.max_steps, self.hparams.truncate_visits
+        )
+
+    def _writer(self) -> Optional[TrajectoryWriter]:
+        return next((c for c in self.trainer.callbacks if isinstance(c, TrajectoryWriter)), None)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        writer = self._writer()
+        done = writer.store.done if writer is not None and writer.store is not None else set()
+        if all(i in done for i in batch["id"]):
+            return []
+        data = self.trainer.datamodule.datasets
+        patients, visits = [], []
+        for k, sample in enumerate(batch["id"]):
+            prompt, _, shown = self.fit_prompt(data[batch["split"][k]], int(batch["index"][k]))
+            patients.append(Patient(sample, prompt, int(batch["label"][k]), self.expert[sample]))
+            visits.append(shown)
+        torch.manual_seed(self.hparams.seed * 1_000_003 + dataloader_idx * 100_003 + batch_idx)
+        results = search(patients, self.policy, self.matcher, self.search_config, self.reward)
+        out = []
+        for k, result in enumerate(results):
+            if result.patient.id in done:
+                continue
+            kept = select_trajectories(result.trajectories, result.patient.label, self.selection)
+            stats = {
+                "nodes_expanded": result.nodes_expanded,
+                "trajectories_scored": len(result.trajectories),
+                "tokens_generated": result.tokens_generated,
+                "visits_shown": visits[k],
+            }
+            lines = [
+                {
+                    "id": result.patient.id,
+                    "split": batch["split"][k],
+                    "label": result.patient.label,
+                    "rank": rank,
+                    "trajectory": trajectory.text,
+                    "y_hat": trajectory.y_hat,
+                    "features": trajectory.features,
+                    "expert_top_k": result.patient.expert_top_k,
+                    "r_cls": trajectory.r_cls,
+                    "r_att": trajectory.r_att,
+                    "reward": trajectory.reward,
+                    "depth": trajectory.depth,
+                    **stats,
+                }
+                for rank, trajectory in enumerate(kept)
+            ]
+            out.append({"id": result.patient.id, "lines": lines})
+        return out
