@@ -65,7 +65,7 @@ class DistillModule(L.LightningModule):
         reward: the combined reward's settings.
         top_k: expert features per patient (None: the file's own top_k).
         generation_batch_size: sequences per ``generate`` call.
-        max_steps: the most sub-questions asked for in the prompt.
+        max_subquestions: the most sub-questions asked for in the prompt.
         truncate_visits: drop the oldest visits of a prompt longer than the context.
         seed: base seed of the search.
     """
@@ -80,7 +80,7 @@ class DistillModule(L.LightningModule):
         reward: RewardConfig = RewardConfig(),
         top_k: Optional[PositiveInt] = None,
         generation_batch_size: PositiveInt = 16,
-        max_steps: PositiveInt = 4,
+        max_subquestions: PositiveInt = 4,
         truncate_visits: bool = True,
         seed: int = 0,
     ):
@@ -107,7 +107,7 @@ class DistillModule(L.LightningModule):
         longest = max(self.sampling.subquestion.max_new_tokens + self.sampling.answer.max_new_tokens, self.sampling.final.max_new_tokens)
         limit = context_length(self.llm, self.backbone_options) - self.search_config.max_depth * longest
         self.fit_prompt = PromptFitter(
-            self.tokenizer, limit, datamodule.dataset, datamodule.task, "decomposition", self.hparams.max_steps, self.hparams.truncate_visits
+            self.tokenizer, limit, datamodule.dataset, datamodule.task, "decomposition", self.hparams.max_subquestions, self.hparams.truncate_visits
         )
 
     def _writer(self) -> Optional[TrajectoryWriter]:

@@ -36,13 +36,13 @@ class PromptFitter:
     are dropped until prompt + completion fit; otherwise (or when one visit is still too long) one clear
     error. The question and instructions are never cut."""
 
-    def __init__(self, tokenizer, limit: int, dataset: str, task: str, style: str, max_steps: int, truncate_visits: bool):
+    def __init__(self, tokenizer, limit: int, dataset: str, task: str, style: str, max_subquestions: int, truncate_visits: bool):
         self.tokenizer, self.limit, self.truncate_visits = tokenizer, limit, truncate_visits
-        self.dataset, self.task, self.style, self.max_steps = dataset, task, style, max_steps
+        self.dataset, self.task, self.style, self.max_subquestions = dataset, task, style, max_subquestions
 
     def _build(self, data, i: int, visits: Optional[int]) -> tuple[str, int]:
         text = data.text(i) if visits is None else data.text(i, max_visits=visits)
-        prompt = build_prompt(self.tokenizer, text, self.dataset, self.task, self.style, self.max_steps)
+        prompt = build_prompt(self.tokenizer, text, self.dataset, self.task, self.style, self.max_subquestions)
         return prompt, len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def __call__(self, data, i: int) -> tuple[str, int, int]:
@@ -74,89 +74,44 @@ class PromptFitter:
         return best
 
 
-class PromptingModule(L.LightningModule):
-    """A zero-shot prompting baseline (``test`` only).
+class AnswerEvaluator(L.LightningModule):
+    """Shared by the prompting baselines and the fine-tuned models: in ``test``, prompt the LLM with every
+    patient of the test dataloader(s), read ŷ and the named features, score them, log ``<split>/auroc``,
+    ``<split>/auprc`` (bootstrap), ``<split>/parse_rate``, ``<split>/r_att`` (with an expert file), ... and
+    write the completions to ``<default_root_dir>/<generations_file>``.
 
-    Args:
-        style: ``vanilla`` (direct probability), ``think`` (Think-then-Answer) or ``decomposition``.
-        backbone: which LLM and how to load it.
-        sampling: generation settings (greedy by default).
-        scorer: ``parse`` reads ŷ from the answer text; ``token_probability`` uses P(yes)/(P(yes)+P(no))
-            after the completion and a yes/no cue (for small models that write no calibrated numbers).
-        generation_batch_size: prompts per ``generate`` call.
-        max_steps: the most sub-questions asked for in the decomposition prompt.
-        expert_attention: the ConCare run's ``expert_attention.jsonl`` (None: no alignment reward).
-        top_k: expert features per patient (None: the file's own top_k).
-        reward: the combined reward's settings.
-        truncate_visits: drop the oldest visits of a prompt longer than the context (else: an error).
-        unparsed_probability: ŷ used in AUROC/AUPRC for an unparseable answer.
-        n_bootstrap: bootstrap resamples of the test metrics.
-        bootstrap_seed: their seed.
-        progress: a progress bar over patients.
-        generations_file: file name of the completions in the run directory.
+    Subclasses set ``self.llm``, ``self.tokenizer``, ``self.sampling``, ``self.reward`` and the hparams
+    ``style``, ``scorer``, ``generation_batch_size``, ``max_subquestions``, ``expert_attention``, ``top_k``,
+    ``truncate_visits``, ``unparsed_probability``, ``n_bootstrap``, ``bootstrap_seed``, ``progress_bar``,
+    ``generations_file``, and call ``setup_answers`` once the model is loaded.
     """
 
-    def __init__(
-        self,
-        style: Literal["vanilla", "think", "decomposition"] = "vanilla",
-        backbone: BackboneOptions = BackboneOptions(),
-        sampling: SamplingOptions = SamplingOptions(max_new_tokens=32),
-        scorer: Literal["parse", "token_probability"] = "parse",
-        generation_batch_size: PositiveInt = 8,
-        max_steps: PositiveInt = 4,
-        expert_attention: Optional[str] = None,
-        top_k: Optional[PositiveInt] = None,
-        reward: RewardConfig = RewardConfig(),
-        truncate_visits: bool = True,
-        unparsed_probability: float = 0.5,
-        n_bootstrap: NonNegativeInt = 100,
-        bootstrap_seed: int = 0,
-        progress: bool = True,
-        generations_file: str = "generations.jsonl",
-    ):
-        super().__init__()
-        if not 0.0 <= unparsed_probability <= 1.0:
-            raise EAGRLInputError(f"model.unparsed_probability must be within [0, 1], got {unparsed_probability}")
-        self.save_hyperparameters(ignore=["backbone", "sampling", "reward"])
-        self.hparams.update(backbone=asdict(backbone), sampling=asdict(sampling), reward=asdict(reward))
-        self.backbone_options, self.sampling, self.reward = backbone, sampling, reward
-        self.llm = None
-        self.tokenizer = None
-        self.records: list[dict[str, Any]] = []
-
-    def configure_model(self) -> None:
-        if self.llm is None:
-            self.llm, self.tokenizer = load_backbone(self.backbone_options)
-
-    def setup(self, stage: str) -> None:
+    def setup_answers(self, splits: list[str]) -> None:
         datamodule = self.trainer.datamodule
-        if datamodule.cohort is None:
-            datamodule.setup(stage)
-        self.configure_model()
         names = datamodule.cohort.raw.feature_names
         self.matcher = FeatureMatcher(names)
         self.expert = None
         if self.hparams.expert_attention:
-            ids = [datamodule.datasets["test"][i]["id"] for i in range(len(datamodule.datasets["test"]))]
+            ids = [data[i]["id"] for split in splits for data in [datamodule.datasets[split]] for i in range(len(data))]
             self.expert = load_expert_attention(self.hparams.expert_attention, names, ids, self.hparams.top_k)
         limit = context_length(self.llm, self.backbone_options) - self.sampling.max_new_tokens
         self.fit_prompt = PromptFitter(
-            self.tokenizer, limit, datamodule.dataset, datamodule.task, self.hparams.style, self.hparams.max_steps, self.hparams.truncate_visits
+            self.tokenizer, limit, datamodule.dataset, datamodule.task, self.hparams.style, self.hparams.max_subquestions, self.hparams.truncate_visits
         )
 
     def on_test_epoch_start(self) -> None:
-        self.records = []
-        total = len(self.trainer.datamodule.datasets["test"])
-        self.bar = tqdm(total=total, desc="prompting", unit="patient", disable=not self.hparams.progress, leave=False)
+        self.records: dict[str, list[dict[str, Any]]] = {}
+        loaders = self.trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        total = sum(len(loader.dataset) for loader in loaders)
+        self.bar = tqdm(total=total, desc="answering", unit="patient", disable=not self.hparams.progress_bar, leave=False)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        data = self.trainer.datamodule.datasets["test"]
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        split = batch["split"][0]
+        data = self.trainer.datamodule.datasets[split]
         built = [self.fit_prompt(data, int(i)) for i in batch["index"]]
         prompts = [prompt for prompt, _, _ in built]
-        generations = generate(
-            self.llm, self.tokenizer, prompts, self.sampling, self.hparams.generation_batch_size,
-            progress=False, generator_seed=None,
-        )  # fmt: skip
+        generations = generate(self.llm, self.tokenizer, prompts, self.sampling, self.hparams.generation_batch_size)
         parsed = [parse_answer(g.text, self.matcher) for g in generations]
         if self.hparams.scorer == "token_probability":
             cued = [p + g.text + ANSWER_CUE for p, g in zip(prompts, generations)]
@@ -166,10 +121,12 @@ class PromptingModule(L.LightningModule):
         labels = batch["label"].long().tolist()
         expert = [self.expert[i] if self.expert else [] for i in batch["id"]]
         rewards = combined_reward(y_hat, labels, [p.features for p in parsed], expert, self.reward)
+        records = self.records.setdefault(split, [])
         for k, sample in enumerate(batch["id"]):
-            self.records.append(
+            records.append(
                 {
                     "id": sample,
+                    "split": split,
                     "label": labels[k],
                     "y_hat": y_hat[k],
                     "parsed": parsed[k].probability is not None,
@@ -190,30 +147,93 @@ class PromptingModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.bar.close()
-        records = self.records
-        if not records:
-            return
         fill = self.hparams.unparsed_probability
-        probs = torch.tensor([r["y_hat"] if r["y_hat"] is not None else fill for r in records], dtype=torch.float64)
-        labels = torch.tensor([r["label"] for r in records])
-        metrics = bootstrap_metrics(probs, labels, self.hparams.n_bootstrap, self.hparams.bootstrap_seed)
-        n = len(records)
-        metrics.update(
-            parse_rate=sum(r["parsed"] for r in records) / n,
-            r_cls=sum(r["r_cls"] for r in records) / n,
-            reward=sum(r["reward"] for r in records) / n,
-            prompt_tokens=sum(r["prompt_tokens"] for r in records) / n,
-            new_tokens=sum(r["new_tokens"] for r in records) / n,
-            samples=float(n),
-        )
-        if self.expert is not None:
-            metrics["r_att"] = sum(r["r_att"] for r in records) / n
-        self.log_dict({f"test/{k}": (v if math.isfinite(v) else float("nan")) for k, v in metrics.items()})
-        if self.trainer.is_global_zero:
+        logged: dict[str, float] = {}
+        for split, records in self.records.items():
+            probs = torch.tensor([r["y_hat"] if r["y_hat"] is not None else fill for r in records], dtype=torch.float64)
+            labels = torch.tensor([r["label"] for r in records])
+            metrics = bootstrap_metrics(probs, labels, self.hparams.n_bootstrap, self.hparams.bootstrap_seed)
+            n = len(records)
+            metrics.update(
+                parse_rate=sum(r["parsed"] for r in records) / n,
+                r_cls=sum(r["r_cls"] for r in records) / n,
+                reward=sum(r["reward"] for r in records) / n,
+                prompt_tokens=sum(r["prompt_tokens"] for r in records) / n,
+                new_tokens=sum(r["new_tokens"] for r in records) / n,
+                samples=float(n),
+            )
+            if self.expert is not None:
+                metrics["r_att"] = sum(r["r_att"] for r in records) / n
+            logged.update({f"{split}/{k}": (v if math.isfinite(v) else float("nan")) for k, v in metrics.items()})
+        if logged:
+            self.log_dict(logged, add_dataloader_idx=False)
+        if self.trainer.is_global_zero and self.records:
             path = Path(self.trainer.default_root_dir) / self.hparams.generations_file
             with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-                for record in records:
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                for records in self.records.values():
+                    for record in records:
+                        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+class PromptingModule(AnswerEvaluator):
+    """A zero-shot prompting baseline (``test`` only).
+
+    Args:
+        style: ``vanilla`` (direct probability), ``think`` (Think-then-Answer) or ``decomposition``.
+        backbone: which LLM and how to load it.
+        sampling: generation settings (greedy by default).
+        scorer: ``parse`` reads ŷ from the answer text; ``token_probability`` uses P(yes)/(P(yes)+P(no))
+            after the completion and a yes/no cue (for small models that write no calibrated numbers).
+        generation_batch_size: prompts per ``generate`` call.
+        max_subquestions: the most sub-questions asked for in the decomposition prompt.
+        expert_attention: the ConCare run's ``expert_attention.jsonl`` (None: no alignment reward).
+        top_k: expert features per patient (None: the file's own top_k).
+        reward: the combined reward's settings.
+        truncate_visits: drop the oldest visits of a prompt longer than the context (else: an error).
+        unparsed_probability: ŷ used in AUROC/AUPRC for an unparseable answer.
+        n_bootstrap: bootstrap resamples of the test metrics.
+        bootstrap_seed: their seed.
+        progress_bar: a progress bar over patients.
+        generations_file: file name of the completions in the run directory.
+    """
+
+    def __init__(
+        self,
+        style: Literal["vanilla", "think", "decomposition"] = "vanilla",
+        backbone: BackboneOptions = BackboneOptions(),
+        sampling: SamplingOptions = SamplingOptions(max_new_tokens=32),
+        scorer: Literal["parse", "token_probability"] = "parse",
+        generation_batch_size: PositiveInt = 8,
+        max_subquestions: PositiveInt = 4,
+        expert_attention: Optional[str] = None,
+        top_k: Optional[PositiveInt] = None,
+        reward: RewardConfig = RewardConfig(),
+        truncate_visits: bool = True,
+        unparsed_probability: float = 0.5,
+        n_bootstrap: NonNegativeInt = 100,
+        bootstrap_seed: int = 0,
+        progress_bar: bool = True,
+        generations_file: str = "generations.jsonl",
+    ):
+        super().__init__()
+        if not 0.0 <= unparsed_probability <= 1.0:
+            raise EAGRLInputError(f"model.unparsed_probability must be within [0, 1], got {unparsed_probability}")
+        self.save_hyperparameters(ignore=["backbone", "sampling", "reward"])
+        self.hparams.update(backbone=asdict(backbone), sampling=asdict(sampling), reward=asdict(reward))
+        self.backbone_options, self.sampling, self.reward = backbone, sampling, reward
+        self.llm = None
+        self.tokenizer = None
+
+    def configure_model(self) -> None:
+        if self.llm is None:
+            self.llm, self.tokenizer = load_backbone(self.backbone_options)
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule.cohort is None:
+            datamodule.setup(stage)
+        self.configure_model()
+        self.setup_answers(["test"])
 
     def configure_optimizers(self):  # a baseline: nothing to train
         return None

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence
 
+from eagrl.errors import EAGRLInputError
 from eagrl.llm.parsing import FeatureMatcher, parse_answer
 from eagrl.rl.rewards import RewardConfig, combined_reward
 
@@ -50,9 +51,9 @@ class SearchConfig:
     def __post_init__(self) -> None:
         for name in ("rollouts", "n_children", "max_depth"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}")
+                raise EAGRLInputError(f"model.init_args.search.{name} must be >= 1, got {getattr(self, name)}")
         if not math.isfinite(self.c) or self.c < 0:
-            raise ValueError(f"search.c must be a finite number >= 0, got {self.c}")
+            raise EAGRLInputError(f"model.init_args.search.c must be a finite number >= 0, got {self.c}")
 
 
 @dataclass

@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from eagrl.errors import EAGRLInputError
 from eagrl.mcts.search import Trajectory
 
 
@@ -28,7 +29,7 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
-            raise ValueError(f"selection.top_k must be >= 1, got {self.top_k}")
+            raise EAGRLInputError(f"model.init_args.selection.top_k must be >= 1, got {self.top_k}")
 
 
 def select_trajectories(trajectories: Sequence[Trajectory], label: int, config: SelectionConfig = SelectionConfig()) -> list[Trajectory]:

@@ -20,6 +20,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from eagrl.errors import EAGRLInputError
+
 
 @dataclass(frozen=True)
 class RewardConfig:
@@ -39,11 +41,11 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"reward lam must be within [0, 1], got {self.lam}")
+            raise EAGRLInputError(f"model.init_args.reward.lam must be within [0, 1], got {self.lam}")
         if not 0.0 < self.clip_low < 0.5:
-            raise ValueError(f"reward clip_low must be within (0, 0.5), got {self.clip_low}")
+            raise EAGRLInputError(f"model.init_args.reward.clip_low must be within (0, 0.5), got {self.clip_low}")
         if not math.isfinite(self.beta) or self.beta < 0:
-            raise ValueError(f"reward beta must be a finite number >= 0, got {self.beta}")
+            raise EAGRLInputError(f"model.init_args.reward.beta must be a finite number >= 0, got {self.beta}")
 
     @property
     def r_cls_range(self) -> tuple[float, float]:

@@ -136,7 +136,7 @@ def test_prompting_with_the_real_smollm2_on_mimic(tmp_path, session_cache, real_
     result = run_cli(
         "test", "--config", "configs/mimic_iv/prompting_vanilla.yaml", "--trainer.limit_test_batches", "1",
         "--trainer.default_root_dir", str(tmp_path), "--model.init_args.expert_attention", str(expert),
-        "--model.init_args.scorer", "token_probability", "--model.init_args.progress", "false",
+        "--model.init_args.scorer", "token_probability", "--model.init_args.progress_bar", "false",
         "--model.init_args.backbone.cache_dir", str(real_model_cache),
         env={"EAGRL_CACHE_DIR": str(session_cache), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
     )  # fmt: skip

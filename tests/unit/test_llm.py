@@ -169,9 +169,9 @@ def test_rewards_stay_in_their_documented_range():
 
 
 def test_reward_config_is_checked():
-    with pytest.raises(ValueError, match="lam"):
+    with pytest.raises(EAGRLInputError, match="lam"):
         RewardConfig(lam=1.5)
-    with pytest.raises(ValueError, match="clip_low"):
+    with pytest.raises(EAGRLInputError, match="clip_low"):
         RewardConfig(clip_low=0.0)
 
 

@@ -1,0 +1,168 @@
+"""Stage 1's fine-tuning: LoRA SFT of the LLM on the distilled trajectories (prompt tokens masked).
+
+``python -m eagrl fit --config configs/tjh/sft.yaml --trainer.default_root_dir DIR`` trains on the
+train patients' trajectories (``TrajectoryDataModule``), logs ``train/loss`` and ``val/loss`` (the val
+patients' trajectories), and then, in the same command, answers the val and test patients with the
+fine-tuned model (``val/auroc``, ``test/auroc``, ``test/parse_rate``, ... over ``limit_test_batches``).
+At the end of fit it saves ``DIR/model/adapter`` (the LoRA adapter) and ``DIR/model/merged`` (base +
+adapter merged, with the tokenizer: what stage 2 and evaluation load as ``backbone.name``).
+Checkpoints hold only the trainable (LoRA) weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+
+from eagrl.errors import EAGRLInputError
+from eagrl.llm.generation import SamplingOptions
+from eagrl.llm.sft import sft_batch
+from eagrl.models.backbone import BackboneOptions, LoraOptions, load_backbone
+from eagrl.rl.rewards import RewardConfig
+from lightning_modules.prompting import AnswerEvaluator
+
+
+def _default_backbone() -> BackboneOptions:
+    return BackboneOptions(lora=LoraOptions(rank=4, alpha=8, dropout=0.05))
+
+
+class SFTModule(AnswerEvaluator):
+    """LoRA SFT on distilled trajectories.
+
+    Args:
+        backbone: the LLM (LoRA options included; the paper's prototype: r 4, alpha 8).
+        lr: AdamW learning rate (prototype: 2e-5).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps, then constant.
+        max_length: longest prompt + trajectory in tokens (None: no cut).
+        sampling: generation settings of the answer evaluation after fit.
+        scorer: how ŷ is read in that evaluation (``parse`` or ``token_probability``).
+        generation_batch_size: prompts per ``generate`` call in the evaluation.
+        max_subquestions: the most sub-questions asked for in the prompt (as in stage 1).
+        expert_attention: the expert export, for ``r_att`` in the evaluation (None: none).
+        top_k: expert features per patient (None: the file's own top_k).
+        reward: the combined reward's settings (evaluation only).
+        truncate_visits: drop the oldest visits of a prompt longer than the context.
+        unparsed_probability: ŷ used in AUROC/AUPRC for an unparseable answer.
+        n_bootstrap: bootstrap resamples of the evaluation metrics.
+        bootstrap_seed: their seed.
+        progress_bar: a progress bar over patients in the evaluation.
+        generations_file: file name of the evaluation's completions in the run directory.
+        test_after_fit: answer the val/test patients right after fit.
+        save_merged: also save the merged model (needs a second copy of the weights in memory).
+    """
+
+    style = "decomposition"
+
+    def __init__(
+        self,
+        backbone: BackboneOptions = _default_backbone(),
+        lr: PositiveFloat = 2e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: NonNegativeInt = 10,
+        max_length: Optional[PositiveInt] = None,
+        sampling: SamplingOptions = SamplingOptions(max_new_tokens=256),
+        scorer: Literal["parse", "token_probability"] = "parse",
+        generation_batch_size: PositiveInt = 8,
+        max_subquestions: PositiveInt = 4,
+        expert_attention: Optional[str] = None,
+        top_k: Optional[PositiveInt] = None,
+        reward: RewardConfig = RewardConfig(),
+        truncate_visits: bool = True,
+        unparsed_probability: float = 0.5,
+        n_bootstrap: NonNegativeInt = 100,
+        bootstrap_seed: int = 0,
+        progress_bar: bool = True,
+        generations_file: str = "generations.jsonl",
+        test_after_fit: bool = True,
+        save_merged: bool = True,
+    ):
+        super().__init__()
+        if backbone.lora is None:
+            raise EAGRLInputError("model.backbone.lora: SFT trains LoRA adapters; give lora options (rank, alpha, ...)")
+        self.save_hyperparameters(ignore=["backbone", "sampling", "reward"])
+        self.hparams.update(backbone=asdict(backbone), sampling=asdict(sampling), reward=asdict(reward), style=self.style)
+        self.backbone_options, self.sampling, self.reward = backbone, sampling, reward
+        self.test_after_fit = test_after_fit
+        self.llm = None
+        self.tokenizer = None
+        self.strict_loading = False  # checkpoints hold the trainable weights only
+
+    def configure_model(self) -> None:
+        if self.llm is None:
+            self.llm, self.tokenizer = load_backbone(self.backbone_options)
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule.cohort is None:
+            datamodule.setup(stage)
+        self.configure_model()
+        self.setup_answers(list(datamodule.hparams.eval_splits))
+        # the SFT prompt: as in stage 1 (decomposition), with the context left for the trajectory
+        self.sft_prompt = copy.copy(self.fit_prompt)
+
+    # ------------------------------------------------------------------------------------ training
+    def _batch(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        datasets = self.trainer.datamodule.datasets
+        prompts = [self.sft_prompt(datasets[e["split"]], int(e["index"]))[0] for e in examples]
+        completions = [e["trajectory"] for e in examples]
+        batch = sft_batch(self.tokenizer, prompts, completions, self.hparams.max_length)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def model_step(self, examples: list[dict[str, Any]]) -> torch.Tensor:
+        batch = self._batch(examples)
+        return self.llm(**batch).loss  # mean over the completion tokens (labels -100 elsewhere)
+
+    def training_step(self, examples: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
+        loss = self.model_step(examples)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(examples))
+        return loss
+
+    def validation_step(self, examples: list[dict[str, Any]], batch_idx: int) -> None:
+        self.log("val/loss", self.model_step(examples), on_step=False, on_epoch=True, batch_size=len(examples))
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup = max(int(self.hparams.warmup_steps), 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero or self.trainer.interrupted:
+            return
+        root = Path(self.trainer.default_root_dir) / "model"
+        root.mkdir(parents=True, exist_ok=True)
+        self._save(root / "adapter", lambda folder: self.llm.save_pretrained(folder))
+        if self.hparams.save_merged:
+
+            def merged(folder: Path) -> None:
+                model = copy.deepcopy(self.llm).merge_and_unload()
+                model.save_pretrained(folder, safe_serialization=True)
+                self.tokenizer.save_pretrained(folder)
+
+            self._save(root / "merged", merged)
+
+    @staticmethod
+    def _save(final: Path, write) -> None:
+        """Write a folder under a temporary name, then swap it in."""
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            write(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""Stage 1 through the real CLI with a tiny random model: distill (determinism, resume) -> SFT."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+
+DISTILL = ["--config", "configs/tjh/distill.yaml", "--config", "configs/smoke/distill.yaml"]
+SFT = ["--config", "configs/tjh/sft.yaml", "--config", "configs/smoke/sft.yaml"]
+
+
+@pytest.fixture(scope="module")
+def expert(tmp_path_factory, tjh_module):
+    names = tjh_module.feature_names[2:]
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("expert") / "expert_attention.jsonl"
+    with open(path, "w") as handle:
+        for split, data in tjh_module.datasets.items():
+            for i in range(len(data)):
+                ranked = rng.sample(names, len(names))
+                handle.write(json.dumps({"id": data[i]["id"], "split": split, "features": [[n, 0.0] for n in ranked], "top_k": ranked[:5]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+def _distill(root, expert, session_cache, models, *extra):
+    return run_cli(
+        "predict", *DISTILL, "--trainer.default_root_dir", str(root), "--model.init_args.expert_attention", str(expert),
+        "--model.init_args.backbone.cache_dir", str(models), *extra, cache=session_cache,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, expert, session_cache, models):
+    root = tmp_path_factory.mktemp("distill")
+    result = _distill(root, expert, session_cache, models)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_distill_writes_trajectories(distilled):
+    lines = [json.loads(line) for line in (distilled / "trajectories.jsonl").read_text().splitlines()]
+    assert {(r["split"]) for r in lines} == {"train", "val"}
+    assert len({r["id"] for r in lines}) == 6  # 1 batch of 3 patients per split (smoke overlay)
+    for record in lines:
+        for key in ("id", "split", "label", "trajectory", "y_hat", "features", "r_cls", "r_att", "reward", "nodes_expanded", "depth", "tokens_generated"):
+            assert key in record
+        assert record["trajectory"].startswith("<Subquestion>") and "<Final subquestion>" in record["trajectory"]
+        assert record["rank"] in (0, 1) and record["tokens_generated"] > 0
+    assert len((distilled / "trajectories.jsonl.done").read_text().split()) == 6
+
+
+def test_same_seed_same_trees_and_resume_after_a_kill(distilled, tmp_path, expert, session_cache, models):
+    full = (distilled / "trajectories.jsonl").read_text()
+    again = tmp_path / "again"
+    assert _distill(again, expert, session_cache, models).returncode == 0
+    assert (again / "trajectories.jsonl").read_text() == full  # same seed, same trees
+
+    # a kill in the middle of the last patient's write: a torn line, and that patient not marked done
+    lines = full.splitlines(keepends=True)
+    last = json.loads(lines[-1])["id"]
+    kept = [line for line in lines if json.loads(line)["id"] != last]
+    (again / "trajectories.jsonl").write_text("".join(kept) + lines[-1][:25])
+    done = (again / "trajectories.jsonl.done").read_text().split()
+    (again / "trajectories.jsonl.done").write_text("".join(f"{i}\n" for i in done if i != last))
+    assert _distill(again, expert, session_cache, models).returncode == 0
+    assert (again / "trajectories.jsonl").read_text() == full  # nothing lost, nothing twice, nothing torn
+
+
+def test_bad_search_settings_stop_before_the_search(tmp_path, expert, session_cache, models):
+    result = _distill(tmp_path, expert, session_cache, models, "--model.init_args.search.rollouts", "0")
+    assert result.returncode == 2 and "rollouts" in result.stderr
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "1", "features": [["Heart rate", 1.0]], "top_k": ["Heart rate"]}) + "\n")
+    result = _distill(tmp_path, other, session_cache, models)
+    assert result.returncode == 2 and "not in this dataset" in result.stderr
+    assert not (tmp_path / "trajectories.jsonl").exists()
+
+
+def test_sft_on_the_distilled_trajectories(distilled, tmp_path, expert, session_cache, models):
+    result = run_cli(
+        "fit", *SFT, "--trainer.default_root_dir", str(tmp_path), "--data.init_args.trajectories", str(distilled / "trajectories.jsonl"),
+        "--model.init_args.expert_attention", str(expert), "--model.init_args.backbone.cache_dir", str(models), cache=session_cache,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("train/loss_epoch", "val/loss", "test/auroc", "test/parse_rate", "val/parse_rate", "test/r_att"):
+        assert name in metrics, name
+    adapter = load_file(tmp_path / "model/adapter/adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: training moved it
+    assert (tmp_path / "model/merged/model.safetensors").is_file() and (tmp_path / "model/merged/tokenizer.json").is_file()
+    assert (tmp_path / "generations.jsonl").is_file() and (tmp_path / "checkpoints/last.ckpt").is_file()
+
+    from eagrl.models.backbone import BackboneOptions, load_backbone
+
+    merged, tokenizer = load_backbone(BackboneOptions(name=str(tmp_path / "model/merged")))  # what stage 2 loads
+    assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -1,0 +1,53 @@
+"""SFT batches: the loss is over the completion tokens only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eagrl.llm.sft import sft_batch
+from eagrl.models.backbone import BackboneOptions, embedded_tokenizer, tiny_random_llama
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return embedded_tokenizer(BackboneOptions(cache_dir=str(tmp_path_factory.mktemp("models"))))
+
+
+def test_prompt_and_padding_are_masked(tokenizer):
+    prompts = ["<|im_start|>user\nA long prompt about a patient.<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nShort.<|im_end|>\n"]
+    completions = ["<Final Answer> 0.7", "<Subquestion> Why?\n<Answer> Because."]
+    batch = sft_batch(tokenizer, prompts, completions)
+    for b, (prompt, completion) in enumerate(zip(prompts, completions)):
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        target = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        labels = batch["labels"][b]
+        assert (labels[:n_prompt] == -100).all()
+        assert labels[n_prompt : n_prompt + len(target)].tolist() == target
+        assert (labels[n_prompt + len(target) :] == -100).all()
+        assert batch["attention_mask"][b].sum() == n_prompt + len(target)
+
+
+def test_the_loss_ignores_prompt_tokens(tokenizer):
+    torch.manual_seed(0)
+    model = tiny_random_llama(tokenizer)
+    prompt = "<|im_start|>user\nThe patient is aged 70.<|im_end|>\n<|im_start|>assistant\n"
+    batch = sft_batch(tokenizer, [prompt], ["<Final Answer> 0.4"])
+    loss = model(**batch).loss
+    # by hand: next-token cross-entropy over the completion positions only
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0, :-1]
+    targets = batch["input_ids"][0, 1:]
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    assert loss.item() == pytest.approx(per_token[n_prompt - 1 :].mean().item(), rel=1e-5)
+    assert abs(loss.item() - per_token.mean().item()) > 1e-4  # fails if prompt tokens counted
+    # changing the prompt's tokens changes nothing the loss learns from, only the context
+    assert (batch["labels"][0, :n_prompt] == -100).all()
+
+
+def test_max_length_cuts_the_completion_not_the_prompt(tokenizer):
+    prompt = "<|im_start|>user\nSome prompt text here.<|im_end|>\n"
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    batch = sft_batch(tokenizer, [prompt], ["word " * 50], max_length=n_prompt + 5)
+    assert batch["input_ids"].shape[1] == n_prompt + 5
+    assert (batch["labels"][0, n_prompt:] != -100).sum() == 5
