@@ -67,6 +67,8 @@ class DistillModule(L.LightningModule):
         generation_batch_size: sequences per ``generate`` call.
         max_subquestions: the most sub-questions asked for in the prompt.
         truncate_visits: drop the oldest visits of a prompt longer than the context.
+        reuse_prompt_cache: prefill each patient's prompt once per search and continue its KV cache
+            (off: every sequence is prefilled again; same results up to float rounding).
         seed: base seed of the search.
     """
 
@@ -82,6 +84,7 @@ class DistillModule(L.LightningModule):
         generation_batch_size: PositiveInt = 16,
         max_subquestions: PositiveInt = 4,
         truncate_visits: bool = True,
+        reuse_prompt_cache: bool = True,
         seed: int = 0,
     ):
         super().__init__()
@@ -103,7 +106,9 @@ class DistillModule(L.LightningModule):
         if self.llm is None:
             self.llm, self.tokenizer = load_backbone(self.backbone_options)
         self.matcher = FeatureMatcher(names)
-        self.policy = LLMPolicy(self.llm, self.tokenizer, self.sampling, self.hparams.generation_batch_size)
+        self.policy = LLMPolicy(
+            self.llm, self.tokenizer, self.sampling, self.hparams.generation_batch_size, self.hparams.reuse_prompt_cache
+        )
         longest = max(self.sampling.subquestion.max_new_tokens + self.sampling.answer.max_new_tokens, self.sampling.final.max_new_tokens)
         limit = context_length(self.llm, self.backbone_options) - self.search_config.max_depth * longest
         self.fit_prompt = PromptFitter(

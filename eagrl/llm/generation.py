@@ -8,6 +8,8 @@ token-probability scorer for small models that do not write calibrated numbers: 
 
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -141,3 +143,120 @@ def yes_no_probability(model, tokenizer, texts: list[str], batch_size: int = 8) 
         out.extend(torch.sigmoid(p_yes - p_no).tolist())  # = P(yes) / (P(yes) + P(no))
     model.train(was_training)
     return out
+
+
+class PromptCache:
+    """The key/value cache of a set of prompts, computed once and reused by many generation calls.
+
+    Stage 1 continues each patient's prompt (often 1-3k tokens) dozens of times; prefilling it once per
+    search instead of once per sequence is what makes the search affordable on a CPU. The prompts are
+    left-padded to one length; a call continues rows of that cache with continuations that are
+    left-padded among themselves, so a sequence reads ``[pad | prompt | pad | continuation]`` with the
+    pads masked and the positions counted over real tokens only (as transformers does for left padding).
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model, tokenizer, prompts: list[str]):
+        from transformers import DynamicCache
+
+        tokenizer.padding_side = "left"
+        self.prompts = list(dict.fromkeys(prompts))
+        self.row = {prompt: i for i, prompt in enumerate(self.prompts)}
+        encoded = tokenizer(self.prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(_device(model))
+        self.input_ids, self.attention_mask = encoded["input_ids"], encoded["attention_mask"]  # [N, P]
+        self.prompt_tokens = self.attention_mask.sum(-1).tolist()  # [N] real tokens per prompt
+        longest = self.input_ids.shape[1]
+        was_training = model.training
+        model.eval()
+        # one prompt at a time: causal attention without a padding mask (several times faster on a CPU
+        # than one padded batch), then the caches are left-padded to one length and stacked
+        per_prompt = []
+        for row, length in enumerate(self.prompt_tokens):
+            ids = self.input_ids[row : row + 1, longest - length :]  # [1, L]
+            per_prompt.append(_layer_tensors(model(input_ids=ids, use_cache=True).past_key_values))
+        model.train(was_training)
+        layers = []
+        for layer in range(len(per_prompt[0])):
+            keys, values = [], []
+            for row, length in enumerate(self.prompt_tokens):
+                k, v = per_prompt[row][layer]  # [1, H, L, D]
+                keys.append(torch.nn.functional.pad(k, (0, 0, longest - length, 0)))
+                values.append(torch.nn.functional.pad(v, (0, 0, longest - length, 0)))
+            layers.append((torch.cat(keys), torch.cat(values)))  # [N, H, P, D]
+        self.cache = DynamicCache(ddp_cache_data=layers)
+
+    def select(self, rows: list[int]):
+        """A copy of the cache holding ``rows`` (repeats allowed), for one generate call to extend."""
+        cache = copy.deepcopy(self.cache)
+        cache.reorder_cache(torch.tensor(rows, device=self.input_ids.device))
+        return cache
+
+
+def _layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(keys, values)] per layer of a transformers cache (the layout changed in transformers 5)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(k, v) for k, v in cache]
+
+
+@torch.inference_mode()
+def generate_continuations(
+    model,
+    tokenizer,
+    prompt_cache: PromptCache,
+    prompts: list[str],
+    continuations: list[str],
+    options: SamplingOptions = SamplingOptions(),
+    batch_size: int = 8,
+    stop_strings: Optional[list[str]] = None,
+) -> list[Generation]:
+    """Complete ``prompts[i] + continuations[i]`` for every i, reusing ``prompt_cache`` for the prompts.
+
+    Same results as ``generate`` on the concatenated texts (up to float rounding), without prefilling the
+    prompts again. Every prompt must be one of the cache's.
+    """
+    if not prompts:
+        return []
+    tokenizer.padding_side = "left"
+    rows = [prompt_cache.row[p] for p in prompts]
+    encoded = [tokenizer(c, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for c in continuations]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    results: list[Optional[Generation]] = [None] * len(prompts)
+    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    pad = tokenizer.pad_token_id
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        longest = max(len(encoded[i]) for i in chunk)
+        tail = torch.tensor([[pad] * (longest - len(encoded[i])) + encoded[i] for i in chunk], device=device)  # [b, L]
+        tail_mask = torch.tensor([[0] * (longest - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=device)
+        chunk_rows = [rows[i] for i in chunk]
+        input_ids = torch.cat([prompt_cache.input_ids[chunk_rows], tail], dim=1)  # [b, P + L]
+        attention_mask = torch.cat([prompt_cache.attention_mask[chunk_rows], tail_mask], dim=1)
+        extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+        with warnings.catch_warnings():  # transformers >= 5.2x renames past_key_values to cache; older ones need it
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=prompt_cache.select(chunk_rows),
+            **options.generation_kwargs(),
+            **extra,
+            pad_token_id=pad,
+            )
+        new = output[:, input_ids.shape[1] :]
+        for row, i in enumerate(chunk):
+            tokens = new[row].tolist()
+            length = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
+            finished = length < len(tokens) or bool(tokens and tokens[length - 1] in eos)
+            text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
+            cut = min((k for k in (text.find(s) for s in stop_strings or ()) if k >= 0), default=-1)
+            if cut >= 0:
+                text, finished = text[:cut], True
+            results[i] = Generation(text, prompt_cache.prompt_tokens[rows[i]] + len(encoded[i]), length, finished)
+    model.train(was_training)
+    return results  # type: ignore[return-value]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from eagrl.llm.generation import SamplingOptions, generate
+from eagrl.llm.generation import PromptCache, SamplingOptions, generate, generate_continuations
 from eagrl.mcts.search import Step
 
 
@@ -52,20 +52,36 @@ def render_prefix(steps: Sequence[Step]) -> str:
 
 
 class LLMPolicy:
-    """Proposes steps with ``model`` (a causal LM) and ``tokenizer``; ``batch_size`` sequences per call."""
+    """Proposes steps with ``model`` (a causal LM) and ``tokenizer``; ``batch_size`` sequences per call.
 
-    def __init__(self, model, tokenizer, sampling: PolicySampling = PolicySampling(), batch_size: int = 16):
+    With ``reuse_prompt_cache`` (default), ``begin`` prefills the batch's patient prompts once and every
+    call of the search continues that cache (``PromptCache``); otherwise each sequence is prefilled anew.
+    """
+
+    def __init__(self, model, tokenizer, sampling: PolicySampling = PolicySampling(), batch_size: int = 16, reuse_prompt_cache: bool = True):
         self.model, self.tokenizer, self.sampling, self.batch_size = model, tokenizer, sampling, batch_size
+        self.reuse_prompt_cache = reuse_prompt_cache
+        self.cache: PromptCache | None = None
 
-    def _generate(self, contexts: list[str], options: SamplingOptions, stops: list[str] | None):
+    def begin(self, prompts: Sequence[str]) -> None:
+        self.cache = PromptCache(self.model, self.tokenizer, list(prompts)) if self.reuse_prompt_cache else None
+
+    def end(self) -> None:
+        self.cache = None
+
+    def _generate(self, prompts: list[str], tails: list[str], options: SamplingOptions, stops: list[str] | None):
+        if self.cache is not None:
+            return generate_continuations(self.model, self.tokenizer, self.cache, prompts, tails, options, self.batch_size, stops)
+        contexts = [p + t for p, t in zip(prompts, tails)]
         return generate(self.model, self.tokenizer, contexts, options, self.batch_size, stop_strings=stops)
 
     def propose_steps(self, prompts: Sequence[str], prefixes: Sequence[list[Step]], n: int) -> list[list[Step]]:
-        bases = [prompt + render_prefix(prefix) for prompt, prefix in zip(prompts, prefixes)]
-        contexts = [base + "<Subquestion>" for base in bases for _ in range(n)]
-        questions = self._generate(contexts, self.sampling.subquestion, SUBQUESTION_STOPS)
-        answer_contexts = [c + q.text.rstrip() + "\n<Answer>" for c, q in zip(contexts, questions)]
-        answers = self._generate(answer_contexts, self.sampling.answer, ANSWER_STOPS)
+        owners = [prompt for prompt in prompts for _ in range(n)]
+        tails = [render_prefix(prefix) + "<Subquestion>" for prefix in prefixes for _ in range(n)]
+        bases = tails[::n]
+        questions = self._generate(owners, tails, self.sampling.subquestion, SUBQUESTION_STOPS)
+        answer_tails = [t + q.text.rstrip() + "\n<Answer>" for t, q in zip(tails, questions)]
+        answers = self._generate(owners, answer_tails, self.sampling.answer, ANSWER_STOPS)
         steps = [
             Step(f"<Subquestion> {q.text.strip()}\n<Answer> {a.text.strip()}", tokens=q.new_tokens + a.new_tokens)
             for q, a in zip(questions, answers)
@@ -73,8 +89,9 @@ class LLMPolicy:
         return [steps[k * n : (k + 1) * n] for k in range(len(bases))]
 
     def propose_finals(self, prompts: Sequence[str], prefixes: Sequence[list[Step]], n: int) -> list[list[Step]]:
-        bases = [prompt + render_prefix(prefix) for prompt, prefix in zip(prompts, prefixes)]
-        contexts = [base + "<Final subquestion>" for base in bases for _ in range(n)]
-        finals = self._generate(contexts, self.sampling.final, None)
+        owners = [prompt for prompt in prompts for _ in range(n)]
+        tails = [render_prefix(prefix) + "<Final subquestion>" for prefix in prefixes for _ in range(n)]
+        bases = tails[::n]
+        finals = self._generate(owners, tails, self.sampling.final, None)
         steps = [Step(f"<Final subquestion> {f.text.strip()}", final=True, tokens=f.new_tokens) for f in finals]
         return [steps[k * n : (k + 1) * n] for k in range(len(bases))]

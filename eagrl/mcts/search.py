@@ -178,6 +178,17 @@ def search(
 ) -> list[SearchResult]:
     """Search every patient's tree, all patients' expansions batched together in each rollout."""
     results = [SearchResult(patient, Node(), []) for patient in patients]
+    if hasattr(policy, "begin"):
+        policy.begin([patient.prompt for patient in patients])  # e.g. prefill the prompts once
+    try:
+        _rollouts(results, patients, policy, matcher, config, reward)
+    finally:
+        if hasattr(policy, "end"):
+            policy.end()
+    return results
+
+
+def _rollouts(results, patients, policy, matcher, config, reward) -> None:
     for _ in range(config.rollouts):
         leaves = [select_leaf(result.root, config.c) for result in results]
         # a terminal leaf (every path below the root explored to the end) is re-scored as it is: no new node
@@ -218,4 +229,3 @@ def search(
         for i, node, trajectory in zip(owners, nodes, score([patients[i] for i in owners], paths, matcher, reward)):
             results[i].trajectories.append(trajectory)
             backup(node, trajectory.reward)
-    return results

@@ -40,7 +40,9 @@ def test_every_shipped_config_parses(capsys, config):
     subcommand = "summary" if config in DATA_CONFIGS else "fit"
     code, out, err = _main(capsys, subcommand, "--config", config, "--print_config")
     assert code == 0, err
-    assert "class_path: datamodules.EHRDataModule" in out
+    assert "class_path: datamodules." in out
+    if config not in DATA_CONFIGS:
+        assert "class_path: lightning_modules." in out
 
 
 def test_interpolation_follows_the_run_directory(capsys):
