@@ -29,6 +29,21 @@ from eagrl.rl.rewards import RewardConfig
 from lightning_modules.prompting import AnswerEvaluator
 
 
+def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the completion tokens (``labels != -100``).
+
+    The same value as the model's own ``loss``, but the vocabulary projection runs only at the positions
+    that are learnt: the prompt's logits ([B, L, V], 49,152 wide for SmolLM2) are never made, which is
+    most of the memory of an SFT step on long EHR prompts.
+    """
+    decoder = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # [B, L, H]
+    targets = batch["labels"][:, 1:]  # [B, L - 1]: the token each position predicts
+    learnt = targets != -100  # [B, L - 1]
+    logits = model.get_output_embeddings()(hidden[:, :-1][learnt])  # [N, V], N = completion tokens
+    return torch.nn.functional.cross_entropy(logits.float(), targets[learnt])
+
+
 def _default_backbone() -> BackboneOptions:
     return BackboneOptions(lora=LoraOptions(rank=4, alpha=8, dropout=0.05))
 
@@ -118,7 +133,10 @@ class SFTModule(AnswerEvaluator):
 
     def model_step(self, examples: list[dict[str, Any]]) -> torch.Tensor:
         batch = self._batch(examples)
-        return self.llm(**batch).loss  # mean over the completion tokens (labels -100 elsewhere)
+        return completion_loss(self.llm, batch)
+
+    def on_train_epoch_start(self) -> None:
+        self.llm.train()  # from_pretrained returns eval mode: LoRA dropout and checkpointing need train mode
 
     def training_step(self, examples: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
         loss = self.model_step(examples)

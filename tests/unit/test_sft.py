@@ -51,3 +51,12 @@ def test_max_length_cuts_the_completion_not_the_prompt(tokenizer):
     batch = sft_batch(tokenizer, [prompt], ["word " * 50], max_length=n_prompt + 5)
     assert batch["input_ids"].shape[1] == n_prompt + 5
     assert (batch["labels"][0, n_prompt:] != -100).sum() == 5
+
+
+def test_completion_loss_equals_the_models_own_loss(tokenizer):
+    from lightning_modules.sft import completion_loss
+
+    torch.manual_seed(0)
+    model = tiny_random_llama(tokenizer)
+    batch = sft_batch(tokenizer, ["<|im_start|>user\nA prompt.<|im_end|>\n", "<|im_start|>user\nA longer prompt here.<|im_end|>\n"], ["<Final Answer> 0.4", "x"])
+    assert completion_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
