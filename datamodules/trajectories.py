@@ -10,6 +10,7 @@ answer evaluation after fit) runs over patients of the val and test splits (``ev
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +19,8 @@ from torch.utils.data import DataLoader
 from datamodules.ehr import EHRDataModule, collate_samples
 from eagrl.errors import EAGRLInputError
 from eagrl.mcts.selection import balance_patients
+
+log = logging.getLogger(__name__)
 
 
 def collate_examples(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,7 +81,13 @@ class TrajectoryDataModule(EHRDataModule):
                     "split does not have: the file was made for another dataset, task or split"
                 )
             if split == "train" and self.hparams.balance:
-                chosen = balance_patients(chosen, self.hparams.balance_seed)
+                balanced = balance_patients(chosen, self.hparams.balance_seed)
+                if chosen and not balanced:  # one outcome only: balancing would leave nothing to learn from
+                    log.warning(
+                        "%s: the train trajectories are all of one outcome; training on them unbalanced", self.trajectories_path
+                    )
+                else:
+                    chosen = balanced
             self.examples[split] = [{**r, "index": positions[split][r["id"]]} for r in chosen]
         if not self.examples["train"]:
             raise EAGRLInputError(f"{self.trajectories_path} holds no train trajectories to fine-tune on")

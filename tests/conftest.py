@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +58,20 @@ def run_cli(*args: str, cache: Path | None = None, env: dict | None = None, time
     return subprocess.run(
         [sys.executable, "-m", "eagrl", *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def tjh_expert(tmp_path_factory, tjh_module) -> Path:
+    """An expert attention file for every TJH sample, made by code (seeded random rankings)."""
+    names = tjh_module.feature_names[2:]  # the dynamic features
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("expert") / "expert_attention.jsonl"
+    with open(path, "w") as handle:
+        for split, data in tjh_module.datasets.items():
+            for i in range(len(data)):
+                ranked = rng.sample(names, len(names))
+                weights = sorted((rng.random() for _ in ranked), reverse=True)
+                record = {"id": data[i]["id"], "split": split, "label": int(data[i]["label"]), "prob": 0.5}
+                record.update(features=[[n, w] for n, w in zip(ranked, weights)], top_k=ranked[:5])
+                handle.write(json.dumps(record) + "\n")
+    return path

@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import pytest
 
 from tests.conftest import run_cli
 
 SMOKE = ["--config", "configs/smoke/prompting.yaml"]
-
-
-@pytest.fixture(scope="module")
-def tjh_expert(tmp_path_factory, tjh_module):
-    """An expert attention file for every TJH sample, made by code (random rankings, seeded)."""
-    names = tjh_module.feature_names[2:]  # the dynamic features
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("expert") / "expert_attention.jsonl"
-    with open(path, "w") as handle:
-        for split, data in tjh_module.datasets.items():
-            for i in range(len(data)):
-                ranked = rng.sample(names, len(names))
-                weights = sorted((rng.random() for _ in ranked), reverse=True)
-                record = {"id": data[i]["id"], "split": split, "label": int(data[i]["label"]), "prob": 0.5}
-                record.update(features=[[n, w] for n, w in zip(ranked, weights)], top_k=ranked[:5])
-                handle.write(json.dumps(record) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

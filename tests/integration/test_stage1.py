@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 from safetensors.torch import load_file
@@ -15,16 +14,8 @@ SFT = ["--config", "configs/tjh/sft.yaml", "--config", "configs/smoke/sft.yaml"]
 
 
 @pytest.fixture(scope="module")
-def expert(tmp_path_factory, tjh_module):
-    names = tjh_module.feature_names[2:]
-    rng = random.Random(1)
-    path = tmp_path_factory.mktemp("expert") / "expert_attention.jsonl"
-    with open(path, "w") as handle:
-        for split, data in tjh_module.datasets.items():
-            for i in range(len(data)):
-                ranked = rng.sample(names, len(names))
-                handle.write(json.dumps({"id": data[i]["id"], "split": split, "features": [[n, 0.0] for n in ranked], "top_k": ranked[:5]}) + "\n")
-    return path
+def expert(tjh_expert):
+    return tjh_expert
 
 
 @pytest.fixture(scope="module")
