@@ -96,3 +96,24 @@ def test_sft_on_the_distilled_trajectories(distilled, tmp_path, expert, session_
 
     merged, tokenizer = load_backbone(BackboneOptions(name=str(tmp_path / "model/merged")))  # what stage 2 loads
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_sft_data_balances_and_falls_back_when_one_outcome_is_kept(tmp_path, tjh_module, session_cache, caplog):
+    from datamodules import TrajectoryDataModule
+
+    train = tjh_module.datasets["train"]
+    by_label = {0: [], 1: []}
+    for i in range(len(train)):
+        by_label[int(train[i]["label"])].append(train[i]["id"])
+    lines = [{"id": i, "split": "train", "label": 1, "trajectory": "t"} for i in by_label[1][:2]]
+    lines += [{"id": i, "split": "train", "label": 0, "trajectory": "t"} for i in by_label[0][:5]]
+    path = tmp_path / "trajectories.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    dm = TrajectoryDataModule(trajectories=str(path), dataset="tjh", cache_dir=str(session_cache), progress=False)
+    dm.setup()
+    assert sorted(e["label"] for e in dm.examples["train"]) == [0, 0, 1, 1]  # 2 positive, 2 of the 5 negative
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines[2:]))  # negatives only
+    dm = TrajectoryDataModule(trajectories=str(path), dataset="tjh", cache_dir=str(session_cache), progress=False)
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    assert len(dm.examples["train"]) == 5 and "all of one outcome" in caplog.text

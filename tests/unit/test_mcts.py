@@ -139,8 +139,3 @@ def test_store_recovers_from_a_kill_between_patients_and_mid_write(tmp_path):
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(x["id"], x["rank"]) for x in lines] == [("a", 0), ("a", 1), ("c", 0)]
     assert TrajectoryStore(path).recover() == {"a", "b", "c"}
-
-
-def test_balance_of_a_single_outcome_keeps_nothing_and_the_sft_data_warns():
-    records = [{"id": str(i), "label": 0} for i in range(4)]
-    assert balance_patients(records) == []  # TrajectoryDataModule then warns and trains unbalanced
