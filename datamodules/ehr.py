@@ -58,6 +58,11 @@ class EHRDataset(Dataset):
         }
 
     @property
+    def ids(self) -> list[str]:
+        """The split's sample ids, in order (without building the samples)."""
+        return [str(i) for i in self.cohort.raw.sample_ids[self.index]]
+
+    @property
     def labels(self) -> np.ndarray:
         return self.cohort.raw.labels[self.task][self.index]
 

@@ -70,7 +70,7 @@ class TrajectoryDataModule(EHRDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
-        positions = {split: {data[i]["id"]: i for i in range(len(data))} for split, data in self.datasets.items()}
+        positions = {split: {sample: i for i, sample in enumerate(data.ids)} for split, data in self.datasets.items()}
         records = self._read()
         for split in ("train", "val"):
             chosen = [r for r in records if r["split"] == split]

@@ -101,7 +101,7 @@ class DistillModule(L.LightningModule):
         if datamodule.cohort is None:
             datamodule.setup(stage)
         names = datamodule.cohort.raw.feature_names
-        ids = [data[i]["id"] for split in datamodule.hparams.predict_splits for data in [datamodule.datasets[split]] for i in range(len(data))]
+        ids = [i for split in datamodule.hparams.predict_splits for i in datamodule.datasets[split].ids]
         self.expert = load_expert_attention(self.hparams.expert_attention, names, ids, self.hparams.top_k)  # before the model
         if self.llm is None:
             self.llm, self.tokenizer = load_backbone(self.backbone_options)

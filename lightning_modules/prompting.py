@@ -92,7 +92,7 @@ class AnswerEvaluator(L.LightningModule):
         self.matcher = FeatureMatcher(names)
         self.expert = None
         if self.hparams.expert_attention:
-            ids = [data[i]["id"] for split in splits for data in [datamodule.datasets[split]] for i in range(len(data))]
+            ids = [i for split in splits for i in datamodule.datasets[split].ids]
             self.expert = load_expert_attention(self.hparams.expert_attention, names, ids, self.hparams.top_k)
         limit = context_length(self.llm, self.backbone_options) - self.sampling.max_new_tokens
         self.fit_prompt = PromptFitter(

@@ -119,14 +119,12 @@ class SFTModule(AnswerEvaluator):
         if datamodule.cohort is None:
             datamodule.setup(stage)
         self.configure_model()
-        self.setup_answers(list(datamodule.hparams.eval_splits))
-        # the SFT prompt: as in stage 1 (decomposition), with the context left for the trajectory
-        self.sft_prompt = copy.copy(self.fit_prompt)
+        self.setup_answers(list(datamodule.hparams.eval_splits))  # also the SFT prompt: stage 1's decomposition one
 
     # ------------------------------------------------------------------------------------ training
     def _batch(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         datasets = self.trainer.datamodule.datasets
-        prompts = [self.sft_prompt(datasets[e["split"]], int(e["index"]))[0] for e in examples]
+        prompts = [self.fit_prompt(datasets[e["split"]], int(e["index"]))[0] for e in examples]
         completions = [e["trajectory"] for e in examples]
         batch = sft_batch(self.tokenizer, prompts, completions, self.hparams.max_length)
         return {k: v.to(self.device) for k, v in batch.items()}

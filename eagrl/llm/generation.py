@@ -66,6 +66,17 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _finish(tokenizer, tokens: list[int], eos: set[int], stop_strings: Optional[list[str]], prompt_tokens: int) -> Generation:
+    """The ``Generation`` of one row of new tokens: cut at the first end-of-text, then at the first stop string."""
+    length = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
+    finished = length < len(tokens) or bool(tokens and tokens[length - 1] in eos)
+    text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
+    cut = min((k for k in (text.find(s) for s in stop_strings or ()) if k >= 0), default=-1)
+    if cut >= 0:
+        text, finished = text[:cut], True
+    return Generation(text, prompt_tokens, length, finished)
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -100,14 +111,7 @@ def generate(
         output = model.generate(**batch, **options.generation_kwargs(), **extra, pad_token_id=tokenizer.pad_token_id)
         new = output[:, batch["input_ids"].shape[1] :]  # [b, new]
         for row, i in enumerate(chunk):
-            tokens = new[row].tolist()
-            length = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
-            finished = length < len(tokens) or (tokens and tokens[length - 1] in eos)
-            text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
-            cut = min((k for k in (text.find(s) for s in stop_strings or ()) if k >= 0), default=-1)
-            if cut >= 0:
-                text, finished = text[:cut], True
-            results[i] = Generation(text, len(encoded[i]), length, bool(finished))
+            results[i] = _finish(tokenizer, new[row].tolist(), eos, stop_strings, len(encoded[i]))
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
@@ -250,13 +254,7 @@ def generate_continuations(
             )
         new = output[:, input_ids.shape[1] :]
         for row, i in enumerate(chunk):
-            tokens = new[row].tolist()
-            length = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
-            finished = length < len(tokens) or bool(tokens and tokens[length - 1] in eos)
-            text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
-            cut = min((k for k in (text.find(s) for s in stop_strings or ()) if k >= 0), default=-1)
-            if cut >= 0:
-                text, finished = text[:cut], True
-            results[i] = Generation(text, prompt_cache.prompt_tokens[rows[i]] + len(encoded[i]), length, finished)
+            prompt_tokens = prompt_cache.prompt_tokens[rows[i]] + len(encoded[i])
+            results[i] = _finish(tokenizer, new[row].tolist(), eos, stop_strings, prompt_tokens)
     model.train(was_training)
     return results  # type: ignore[return-value]

@@ -78,7 +78,6 @@ class LLMPolicy:
     def propose_steps(self, prompts: Sequence[str], prefixes: Sequence[list[Step]], n: int) -> list[list[Step]]:
         owners = [prompt for prompt in prompts for _ in range(n)]
         tails = [render_prefix(prefix) + "<Subquestion>" for prefix in prefixes for _ in range(n)]
-        bases = tails[::n]
         questions = self._generate(owners, tails, self.sampling.subquestion, SUBQUESTION_STOPS)
         answer_tails = [t + q.text.rstrip() + "\n<Answer>" for t, q in zip(tails, questions)]
         answers = self._generate(owners, answer_tails, self.sampling.answer, ANSWER_STOPS)
@@ -86,12 +85,11 @@ class LLMPolicy:
             Step(f"<Subquestion> {q.text.strip()}\n<Answer> {a.text.strip()}", tokens=q.new_tokens + a.new_tokens)
             for q, a in zip(questions, answers)
         ]
-        return [steps[k * n : (k + 1) * n] for k in range(len(bases))]
+        return [steps[k * n : (k + 1) * n] for k in range(len(prefixes))]
 
     def propose_finals(self, prompts: Sequence[str], prefixes: Sequence[list[Step]], n: int) -> list[list[Step]]:
         owners = [prompt for prompt in prompts for _ in range(n)]
         tails = [render_prefix(prefix) + "<Final subquestion>" for prefix in prefixes for _ in range(n)]
-        bases = tails[::n]
         finals = self._generate(owners, tails, self.sampling.final, None)
         steps = [Step(f"<Final subquestion> {f.text.strip()}", final=True, tokens=f.new_tokens) for f in finals]
-        return [steps[k * n : (k + 1) * n] for k in range(len(bases))]
+        return [steps[k * n : (k + 1) * n] for k in range(len(prefixes))]
