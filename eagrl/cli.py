@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import jsonargparse
 import lightning as L
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from eagrl.errors import EAGRLInputError
@@ -178,7 +179,8 @@ class EAGRLCLI(LightningCLI):
             return
         checkpoint = self.trainer.checkpoint_callback
         best = "best" if checkpoint is not None and getattr(checkpoint, "best_model_path", "") else None
-        self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best)
+        if is_overridden("validation_step", self.model):
+            self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
 
     def _run_subcommand(self, subcommand: str) -> None:

@@ -86,7 +86,9 @@ class AnswerEvaluator(L.LightningModule):
     ``generations_file``, and call ``setup_answers`` once the model is loaded.
     """
 
-    def setup_answers(self, splits: list[str]) -> None:
+    def setup_answers(self, splits: list[str], max_new_tokens: Optional[int] = None) -> None:
+        """Load the expert's top-k for ``splits`` and the prompt fitter, leaving ``max_new_tokens``
+        (default: the evaluation's) of the context for the completion."""
         datamodule = self.trainer.datamodule
         names = datamodule.cohort.raw.feature_names
         self.matcher = FeatureMatcher(names)
@@ -94,7 +96,7 @@ class AnswerEvaluator(L.LightningModule):
         if self.hparams.expert_attention:
             ids = [i for split in splits for i in datamodule.datasets[split].ids]
             self.expert = load_expert_attention(self.hparams.expert_attention, names, ids, self.hparams.top_k)
-        limit = context_length(self.llm, self.backbone_options) - self.sampling.max_new_tokens
+        limit = context_length(self.llm, self.backbone_options) - (max_new_tokens or self.sampling.max_new_tokens)
         self.fit_prompt = PromptFitter(
             self.tokenizer, limit, datamodule.dataset, datamodule.task, self.hparams.style, self.hparams.max_subquestions, self.hparams.truncate_visits
         )

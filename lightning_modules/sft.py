@@ -11,11 +11,7 @@ Checkpoints hold only the trainable (LoRA) weights.
 
 from __future__ import annotations
 
-import copy
-import shutil
-import tempfile
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
@@ -26,6 +22,7 @@ from eagrl.llm.generation import SamplingOptions
 from eagrl.llm.sft import sft_batch
 from eagrl.models.backbone import BackboneOptions, LoraOptions, load_backbone
 from eagrl.rl.rewards import RewardConfig
+from lightning_modules.adapters import AdapterCheckpointing
 from lightning_modules.prompting import AnswerEvaluator
 
 
@@ -48,7 +45,7 @@ def _default_backbone() -> BackboneOptions:
     return BackboneOptions(lora=LoraOptions(rank=4, alpha=8, dropout=0.05))
 
 
-class SFTModule(AnswerEvaluator):
+class SFTModule(AdapterCheckpointing, AnswerEvaluator):
     """LoRA SFT on distilled trajectories.
 
     Args:
@@ -150,35 +147,3 @@ class SFTModule(AnswerEvaluator):
         warmup = max(int(self.hparams.warmup_steps), 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    # ------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-
-    def on_fit_end(self) -> None:
-        if not self.trainer.is_global_zero or self.trainer.interrupted:
-            return
-        root = Path(self.trainer.default_root_dir) / "model"
-        root.mkdir(parents=True, exist_ok=True)
-        self._save(root / "adapter", lambda folder: self.llm.save_pretrained(folder))
-        if self.hparams.save_merged:
-
-            def merged(folder: Path) -> None:
-                model = copy.deepcopy(self.llm).merge_and_unload()
-                model.save_pretrained(folder, safe_serialization=True)
-                self.tokenizer.save_pretrained(folder)
-
-            self._save(root / "merged", merged)
-
-    @staticmethod
-    def _save(final: Path, write) -> None:
-        """Write a folder under a temporary name, then swap it in."""
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-        try:
-            write(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)

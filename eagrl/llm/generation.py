@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -54,12 +54,14 @@ class SamplingOptions:
 
 @dataclass
 class Generation:
-    """One completion: its text (special tokens removed), token counts, and whether it ended by itself."""
+    """One completion: its text (special tokens removed), token counts, whether it ended by itself, and
+    its new token ids (up to and including the end-of-text token)."""
 
     text: str
     prompt_tokens: int
     new_tokens: int
     finished: bool
+    tokens: list[int] = field(default_factory=list)
 
 
 def _device(model) -> torch.device:
@@ -74,7 +76,7 @@ def _finish(tokenizer, tokens: list[int], eos: set[int], stop_strings: Optional[
     cut = min((k for k in (text.find(s) for s in stop_strings or ()) if k >= 0), default=-1)
     if cut >= 0:
         text, finished = text[:cut], True
-    return Generation(text, prompt_tokens, length, finished)
+    return Generation(text, prompt_tokens, length, finished, list(tokens[:length]))
 
 
 @torch.inference_mode()
@@ -258,3 +260,43 @@ def generate_continuations(
             results[i] = _finish(tokenizer, new[row].tolist(), eos, stop_strings, prompt_tokens)
     model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def sample_groups(
+    model,
+    tokenizer,
+    prompts: list[str],
+    group_size: int,
+    options: SamplingOptions,
+    batch_size: int = 8,
+) -> list[list[Generation]]:
+    """``group_size`` sampled completions of every prompt (RL rollouts): ``[prompt][g]``.
+
+    Each prompt is prefilled once (``PromptCache``) and its cache is shared by the group's sequences;
+    a ``generate`` call continues ``batch_size`` sequences from the prompts' last token."""
+    if not prompts:
+        return []
+    cache = PromptCache(model, tokenizer, prompts)
+    rows = [cache.row[p] for p in prompts for _ in range(group_size)]
+    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    results: list[Generation] = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        past = cache.select(chunk)
+        past.crop(-1)  # drop the last prompt column: generate feeds that token and goes on from it
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            output = model.generate(
+                input_ids=cache.input_ids[chunk],
+                attention_mask=cache.attention_mask[chunk],
+                past_key_values=past,
+                **options.generation_kwargs(),
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = output[:, cache.input_ids.shape[1] :]  # [b, T]
+        results.extend(_finish(tokenizer, new[row].tolist(), eos, None, cache.prompt_tokens[r]) for row, r in enumerate(chunk))
+    model.train(was_training)
+    return [results[p * group_size : (p + 1) * group_size] for p in range(len(prompts))]

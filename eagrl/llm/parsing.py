@@ -99,8 +99,9 @@ def _tag_name(match: re.Match) -> str:
     return " ".join(match.group(1).lower().split())
 
 
-def section(text: str, tag: str) -> Optional[str]:
-    """The text after the last ``<tag>`` up to the next tag (opening or closing), or None."""
+def section_span(text: str, tag: str) -> Optional[tuple[int, int]]:
+    """``(start, end)`` character offsets of the text after the last ``<tag>`` up to the next tag (opening
+    or closing) or the end, or None when the tag is absent."""
     if not isinstance(text, str):
         return None
     tags = list(TAG.finditer(text))
@@ -110,7 +111,13 @@ def section(text: str, tag: str) -> Optional[str]:
         return None
     i = starts[-1]
     end = tags[i + 1].start() if i + 1 < len(tags) else len(text)
-    return text[tags[i].end() : end]
+    return tags[i].end(), end
+
+
+def section(text: str, tag: str) -> Optional[str]:
+    """The text after the last ``<tag>`` up to the next tag (opening or closing), or None."""
+    span = section_span(text, tag)
+    return None if span is None else text[span[0] : span[1]]
 
 
 def parse_probability(text: str) -> Optional[float]:

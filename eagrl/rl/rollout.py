@@ -1,0 +1,73 @@
+"""Rollouts of stage 2: which completion tokens are key clinical tokens, and the policy's logits over
+the completions with the prompt computed once per group.
+
+- ``key_token_mask``: per completion token, whether it lies inside the ``<Important Features>`` span
+  (the text after the tag up to the next tag). Token boundaries come from decoding the sampled ids
+  themselves (not from re-tokenising the text), so the mask lines up with the tokens the loss sees.
+- ``completion_logits``: the logits of G completions of one prompt, [N, V] over their N tokens. The
+  prompt (often 1-3k tokens of EHR) runs once, with gradient, and its key/value cache is repeated for
+  the G completions, so a group costs one prompt forward + G short ones instead of G long ones (the
+  gradient through the prompt is summed over the group by autograd). Only completion positions are
+  projected onto the vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from eagrl.llm.parsing import section_span
+
+KEY_TAG = "Important Features"
+
+
+def key_token_mask(tokenizer, tokens: list[int], tag: str = KEY_TAG) -> list[bool]:
+    """A bool per token of ``tokens``: inside the last ``<tag>`` section of their decoded text. All False
+    when the tag is absent (the caller then falls back to every token)."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    span = section_span(text, tag)
+    if span is None or not tokens:
+        return [False] * len(tokens)
+    start, end = span
+    mask, previous = [], 0
+    for k in range(len(tokens)):
+        length = len(tokenizer.decode(tokens[: k + 1], skip_special_tokens=True))
+        mask.append(previous < end and length > start and length > previous)  # token chars [previous, length)
+        previous = max(previous, length)
+    return mask
+
+
+def _decoder(model):
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def _cache_argument(decoder) -> str:
+    """The name under which this transformers version takes a KV cache (``cache`` from 5.2x on)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def completion_logits(model, prompt_ids: list[int], completions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [N, V], ids [N])`` for the tokens of ``completions`` (G lists) after ``prompt_ids``.
+
+    Row order: completion 0's tokens, then completion 1's, ... (each completion must be non-empty)."""
+    device = model.get_output_embeddings().weight.device
+    decoder = _decoder(model)
+    group = len(completions)
+    prefix = torch.tensor([prompt_ids[:-1]], device=device)  # [1, P - 1]
+    cache = decoder(input_ids=prefix, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(group)  # [G, H, P - 1, D] per layer
+    longest = max(len(c) for c in completions)
+    tail = torch.zeros((group, longest), dtype=torch.long, device=device)  # [G, T]: last prompt token + completion[:-1]
+    alive = torch.zeros((group, longest), dtype=torch.bool, device=device)  # [G, T] real completion positions
+    targets = []
+    for g, completion in enumerate(completions):
+        row = [prompt_ids[-1], *completion[:-1]]
+        tail[g, : len(row)] = torch.tensor(row, device=device)
+        alive[g, : len(row)] = True
+        targets.extend(completion)
+    mask = torch.cat([torch.ones((group, prefix.shape[1]), dtype=torch.long, device=device), alive.long()], dim=1)  # [G, P - 1 + T]
+    past = {_cache_argument(decoder): cache}
+    hidden = decoder(input_ids=tail, attention_mask=mask, use_cache=True, **past).last_hidden_state  # [G, T, H]
+    logits = model.get_output_embeddings()(hidden[alive])  # [N, V]
+    return logits, torch.tensor(targets, dtype=torch.long, device=device)

@@ -1,0 +1,51 @@
+"""Checkpoints and exports shared by the modules that train LoRA adapters (SFT and RL).
+
+Checkpoints hold only the trainable weights (the frozen base is rebuilt from ``backbone``). At the end of
+a fit that was not interrupted, ``<default_root_dir>/model/adapter`` (the LoRA adapter) and, with
+``save_merged``, ``<default_root_dir>/model/merged`` (base + adapter merged, with the tokenizer: what the
+next stage and evaluation load as ``backbone.name``) are written under a temporary name and swapped in.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+class AdapterCheckpointing:
+    """Mixin for a LightningModule with ``self.llm`` (a peft model), ``self.tokenizer`` and the hparam
+    ``save_merged``."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero or self.trainer.interrupted:
+            return
+        root = Path(self.trainer.default_root_dir) / "model"
+        root.mkdir(parents=True, exist_ok=True)
+        save_folder(root / "adapter", lambda folder: self.llm.save_pretrained(folder))
+        if self.hparams.save_merged:
+
+            def merged(folder: Path) -> None:
+                model = copy.deepcopy(self.llm).merge_and_unload()
+                model.save_pretrained(folder, safe_serialization=True)
+                self.tokenizer.save_pretrained(folder)
+
+            save_folder(root / "merged", merged)
+
+
+def save_folder(final: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder under a temporary name, then swap it in (an interrupted write leaves the old one)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,299 @@
+"""Stage 2: attention-aligned policy optimisation (METHOD.md §4), and the GRPO/DAPO baselines and the
+ablations as configurations of the same module.
+
+``python -m eagrl fit --config configs/tjh/rl.yaml --trainer.default_root_dir DIR`` starts from the
+stage-1 model (``backbone.name``: the SFT run's ``model/merged``, or ``init_adapter``: its LoRA adapter on
+the base) and runs, per training step (manual optimisation):
+
+1. rollout: G sampled completions of each prompt of the batch (train patients), each prompt prefilled
+   once and its cache shared by the group (``sample_groups``);
+2. scoring: the combined reward (R_cls, R_att of the named features against the expert's top-k),
+   group-normalised advantages; DAPO's dynamic sampling drops groups whose rewards are all equal;
+3. ``ppo_epochs`` passes over the rollout batch, each one optimiser step: per prompt, the completions'
+   logits with the prompt computed once (``completion_logits``), then the fused log-prob/entropy op and
+   the clipped surrogate with token-mean aggregation (``policy_loss``, optionally under
+   ``torch.compile(fullgraph=True)``), gradient clipping.
+
+EAG-RL's upper clip ε(τ) comes from each trajectory's mean entropy over its ``<Important Features>``
+tokens (all its tokens when the span is missing), detached and min-max normalised over the rollout batch
+into [ε_min, ε_max]; ε_low is fixed. The rollout policy's log-probs are those of the first pass (taken
+before any update); a no-grad scoring pass runs first only when the batch needs batch-wide entropies
+before its first gradient (several prompts per step with ε(τ) on). The optional KL penalty to the stage-1
+policy uses the same model with its LoRA adapter disabled (no second copy).
+
+Logged per step (``train/``): reward, r_cls, r_att, parse_rate, entropy, key_entropy, eps_high,
+clip_low, clip_high, ratio, kl, completion_length, groups_kept, loss, grad_norm, step_time (seconds).
+After fit, with ``test_after_fit``, the trained policy answers the test patients (``test/auroc``, ...).
+Checkpoints hold the LoRA weights, the optimiser and the random-number state (``--ckpt_path last``
+resumes); the end of fit writes ``model/adapter`` and ``model/merged``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+from eagrl.errors import EAGRLInputError
+from eagrl.kernels import resolve_backend
+from eagrl.llm.generation import SamplingOptions, sample_groups
+from eagrl.llm.parsing import parse_answer
+from eagrl.models.backbone import EMBEDDED, TINY, BackboneOptions, LoraOptions, load_backbone
+from eagrl.rl.grpo import Rollout, group_advantages, keep_varied_groups, policy_loss
+from eagrl.rl.rewards import RewardConfig, combined_reward
+from eagrl.rl.rollout import key_token_mask
+from eagrl.rl.step import UpdateConfig, optimise
+from lightning_modules.adapters import AdapterCheckpointing
+from lightning_modules.prompting import AnswerEvaluator
+
+
+# post-step checkpoints are what resuming wants; Lightning warns about them with manual optimisation
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+def _default_backbone() -> BackboneOptions:
+    return BackboneOptions(lora=LoraOptions(rank=8, alpha=16, dropout=0.0))
+
+
+def _check_local(name: str, key: str) -> None:
+    """A starting model/adapter given as a path must exist (a hub id cannot be fetched offline either)."""
+    if name.lower() in (TINY, EMBEDDED) or name.startswith("embedded:"):
+        return
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or path.parts[0] == "runs"
+    if looks_local and not path.exists():
+        raise EAGRLInputError(
+            f"{key}: {name} does not exist: stage 2 starts from the stage-1 model; run the SFT config first "
+            "(python -m eagrl fit --config configs/<dataset>/sft.yaml), or point it at its model/merged folder"
+        )
+
+
+class RLModule(AdapterCheckpointing, AnswerEvaluator):
+    """GRPO-style RL of the LLM with the expert-guided reward (see the module docstring).
+
+    Args:
+        backbone: the starting policy (the SFT run's ``model/merged``) and the LoRA trained on it.
+        init_adapter: instead, a LoRA adapter folder (the SFT run's ``model/adapter``) loaded on
+            ``backbone.name`` and trained further (the KL reference is then the model without it).
+        group_size: G, completions per prompt (>= 2).
+        ppo_epochs: optimiser steps per rollout batch.
+        lr: AdamW learning rate of the LoRA weights.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping (global L2 norm).
+        eps_low: the fixed lower clip ε_low.
+        eps_high: the fixed upper clip when ``adaptive_clip`` is off (GRPO 0.2, DAPO's clip-higher 0.28).
+        adaptive_clip: EAG-RL's ε(τ) from the key-token entropy, in [eps_min, eps_max].
+        eps_min: lower end of ε(τ).
+        eps_max: upper end of ε(τ).
+        dynamic_sampling: drop groups whose rewards are all equal (DAPO).
+        kl_coef: β_KL of a k3 KL penalty to the stage-1 policy (adapter disabled); 0 turns it off.
+        rollout_sampling: sampling of the rollouts (temperature also divides the logits in the loss).
+        rollout_batch_size: sequences per ``generate`` call in the rollouts.
+        loss_backend: ``auto`` (the Triton kernel where it runs, else the PyTorch reference), ``triton``
+            or ``torch`` (force one).
+        compile_loss: run the loss under ``torch.compile(fullgraph=True, dynamic=True)``.
+        sampling: generation settings of the answer evaluation after fit (greedy by default).
+        scorer: how ŷ is read in that evaluation (``parse`` or ``token_probability``).
+        generation_batch_size: prompts per ``generate`` call in the evaluation.
+        max_subquestions: the most sub-questions asked for in the prompt (as in stage 1).
+        expert_attention: the expert export (``expert_attention.jsonl``): R_att needs it.
+        top_k: expert features per patient (None: the file's own top_k).
+        reward: the combined reward (``use_attention: false`` is R_cls only: GRPO, DAPO, "without R_att").
+        truncate_visits: drop the oldest visits of a prompt longer than the context.
+        unparsed_probability: ŷ used in AUROC/AUPRC for an unparseable answer.
+        n_bootstrap: bootstrap resamples of the evaluation metrics.
+        bootstrap_seed: their seed.
+        progress_bar: a progress bar over patients in the evaluation.
+        generations_file: file name of the evaluation's completions in the run directory.
+        test_after_fit: answer the test patients right after fit.
+        save_merged: also save the merged model at the end of fit.
+    """
+
+    style = "decomposition"
+
+    def __init__(
+        self,
+        backbone: BackboneOptions = _default_backbone(),
+        init_adapter: Optional[str] = None,
+        group_size: int = 8,
+        ppo_epochs: PositiveInt = 1,
+        lr: PositiveFloat = 1e-5,
+        weight_decay: NonNegativeFloat = 0.0,
+        max_grad_norm: PositiveFloat = 1.0,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        adaptive_clip: bool = True,
+        eps_min: float = 0.2,
+        eps_max: float = 0.4,
+        dynamic_sampling: bool = False,
+        kl_coef: NonNegativeFloat = 0.0,
+        rollout_sampling: SamplingOptions = SamplingOptions(max_new_tokens=256, do_sample=True, temperature=1.0),
+        rollout_batch_size: PositiveInt = 8,
+        loss_backend: Literal["auto", "triton", "torch"] = "auto",
+        compile_loss: bool = False,
+        sampling: SamplingOptions = SamplingOptions(max_new_tokens=256),
+        scorer: Literal["parse", "token_probability"] = "parse",
+        generation_batch_size: PositiveInt = 8,
+        max_subquestions: PositiveInt = 4,
+        expert_attention: Optional[str] = None,
+        top_k: Optional[PositiveInt] = None,
+        reward: RewardConfig = RewardConfig(),
+        truncate_visits: bool = True,
+        unparsed_probability: float = 0.5,
+        n_bootstrap: NonNegativeInt = 100,
+        bootstrap_seed: int = 0,
+        progress_bar: bool = True,
+        generations_file: str = "generations.jsonl",
+        test_after_fit: bool = True,
+        save_merged: bool = True,
+    ):
+        super().__init__()
+        if group_size < 2:
+            raise EAGRLInputError(f"model.group_size must be >= 2 (advantages are normalised within a group), got {group_size}")
+        if not 0.0 <= eps_low < 1.0:
+            raise EAGRLInputError(f"model.eps_low must be within [0, 1), got {eps_low}")
+        if eps_high < 0 or eps_min < 0:
+            raise EAGRLInputError(f"model.eps_high and model.eps_min must be >= 0, got {eps_high} and {eps_min}")
+        if eps_min > eps_max:
+            raise EAGRLInputError(f"model.eps_min ({eps_min}) must not exceed model.eps_max ({eps_max})")
+        if not rollout_sampling.do_sample:
+            raise EAGRLInputError("model.rollout_sampling.do_sample must be true: a group of greedy completions has no variance")
+        if init_adapter is None and backbone.lora is None:
+            raise EAGRLInputError("model.backbone.lora: RL trains LoRA adapters; give lora options or model.init_adapter")
+        if backbone.gradient_checkpointing:
+            raise EAGRLInputError(
+                "model.backbone.gradient_checkpointing: RL's shared-prompt forward reuses the prompt's KV cache, "
+                "which checkpointing turns off; set it false"
+            )
+        _check_local(backbone.name, "model.backbone.name")
+        if init_adapter is not None:
+            _check_local(init_adapter, "model.init_adapter")
+        if reward.use_attention and not expert_attention:
+            raise EAGRLInputError("model.expert_attention: the reward uses R_att (reward.use_attention true) and needs the expert export")
+        self.save_hyperparameters(ignore=["backbone", "sampling", "rollout_sampling", "reward"])
+        self.hparams.update(
+            backbone=asdict(backbone), sampling=asdict(sampling), rollout_sampling=asdict(rollout_sampling), reward=asdict(reward), style=self.style
+        )
+        self.backbone_options, self.sampling, self.rollout_sampling, self.reward = backbone, sampling, rollout_sampling, reward
+        self.test_after_fit = test_after_fit
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the trainable weights only
+        self.llm = None
+        self.tokenizer = None
+        self._loss = torch.compile(policy_loss, fullgraph=True, dynamic=True) if compile_loss else policy_loss
+
+    # --------------------------------------------------------------------------------------- setup
+    def configure_model(self) -> None:
+        if self.llm is not None:
+            return
+        if self.hparams.init_adapter is None:
+            self.llm, self.tokenizer = load_backbone(self.backbone_options)
+            return
+        from peft import PeftModel
+
+        base, self.tokenizer = load_backbone(BackboneOptions(**{**asdict(self.backbone_options), "lora": None}))
+        self.llm = PeftModel.from_pretrained(base, self.hparams.init_adapter, is_trainable=True)
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule.cohort is None:
+            datamodule.setup(stage)
+        self.configure_model()
+        hp = self.hparams
+        self.update_config = UpdateConfig(
+            ppo_epochs=hp.ppo_epochs,
+            eps_low=hp.eps_low,
+            eps_high=hp.eps_high,
+            adaptive_clip=hp.adaptive_clip,
+            eps_min=hp.eps_min,
+            eps_max=hp.eps_max,
+            kl_coef=hp.kl_coef,
+            max_grad_norm=hp.max_grad_norm,
+            temperature=self.rollout_sampling.temperature,
+            backend=resolve_backend(hp.loss_backend, self.device),  # a forced path that cannot run fails here
+        )
+        longest = max(self.sampling.max_new_tokens, self.rollout_sampling.max_new_tokens)
+        self.setup_answers(["train", "test"], max_new_tokens=longest)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------------------------- rollout
+    def rollout(self, batch: dict[str, Any]) -> Rollout:
+        """Sample G completions per patient of ``batch`` and score them."""
+        group = self.hparams.group_size
+        data = self.trainer.datamodule.datasets[batch["split"][0]]
+        prompts = [self.fit_prompt(data, int(i))[0] for i in batch["index"]]
+        groups = sample_groups(self.llm, self.tokenizer, prompts, group, self.rollout_sampling, self.hparams.rollout_batch_size)
+        flat = [g for grp in groups for g in grp]
+        for g in flat:  # a completion needs one token to be learnt from
+            if not g.tokens:
+                g.tokens = [self.tokenizer.eos_token_id]
+        parsed = [parse_answer(g.text, self.matcher) for g in flat]
+        labels = [int(y) for y in batch["label"].long().tolist() for _ in range(group)]
+        expert = [self.expert[i] if self.expert else [] for i in batch["id"] for _ in range(group)]
+        scores = combined_reward([p.probability for p in parsed], labels, [p.features for p in parsed], expert, self.reward)
+        rewards = scores["reward"].float().view(len(prompts), group)  # [P, G]
+        return Rollout(
+            prompt_ids=[self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
+            completions=[g.tokens for g in flat],
+            texts=[g.text for g in flat],
+            rewards=scores["reward"].float(),
+            r_cls=scores["r_cls"].float(),
+            r_att=scores["r_att"].float(),
+            parsed=scores["parsed"],
+            advantages=group_advantages(rewards).flatten(),  # [B]
+            key_mask=[key_token_mask(self.tokenizer, g.tokens) for g in flat],
+            group_size=group,
+        )
+
+    # ------------------------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        start = time.perf_counter()
+        group = self.hparams.group_size
+        rollout = self.rollout(batch)
+        logged = {
+            "reward": float(rollout.rewards.mean()),
+            "r_cls": float(rollout.r_cls.mean()),
+            "r_att": float(rollout.r_att.mean()),
+            "parse_rate": float(rollout.parsed.float().mean()),
+            "completion_length": rollout.n_tokens / len(rollout.completions),
+        }
+        n_groups = len(rollout.prompt_ids)
+        if self.hparams.dynamic_sampling:
+            rollout = rollout.select_groups(keep_varied_groups(rollout.rewards.view(n_groups, group)))
+        logged["groups_kept"] = len(rollout.prompt_ids) / n_groups
+        if rollout.prompt_ids:  # else every group had equal rewards: nothing to learn from this batch
+            logged.update(optimise(self.llm, self.optimizers(), rollout, self.update_config, self.manual_backward, self._loss))
+        logged["step_time"] = time.perf_counter() - start
+        size = len(batch["id"])
+        self.log_dict({f"train/{k}": float(v) for k, v in logged.items()}, on_step=True, on_epoch=False, batch_size=size)
+        self.log("train/reward_epoch", logged["reward"], on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["rng_state"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("rng_state")
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
