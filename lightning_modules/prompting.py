@@ -81,7 +81,7 @@ class AnswerEvaluator(L.LightningModule):
     write the completions to ``<default_root_dir>/<generations_file>``.
 
     Subclasses set ``self.llm``, ``self.tokenizer``, ``self.sampling``, ``self.reward`` and the hparams
-    ``style``, ``scorer``, ``generation_batch_size``, ``max_subquestions``, ``expert_attention``, ``top_k``,
+    ``style`` (or a class attribute ``style``), ``scorer``, ``generation_batch_size``, ``max_subquestions``, ``expert_attention``, ``top_k``,
     ``truncate_visits``, ``unparsed_probability``, ``n_bootstrap``, ``bootstrap_seed``, ``progress_bar``,
     ``generations_file``, and call ``setup_answers`` once the model is loaded.
     """
@@ -96,9 +96,10 @@ class AnswerEvaluator(L.LightningModule):
         if self.hparams.expert_attention:
             ids = [i for split in splits for i in datamodule.datasets[split].ids]
             self.expert = load_expert_attention(self.hparams.expert_attention, names, ids, self.hparams.top_k)
+        style = self.hparams["style"] if "style" in self.hparams else self.style  # a baseline's argument, else the class's
         limit = context_length(self.llm, self.backbone_options) - (max_new_tokens or self.sampling.max_new_tokens)
         self.fit_prompt = PromptFitter(
-            self.tokenizer, limit, datamodule.dataset, datamodule.task, self.hparams.style, self.hparams.max_subquestions, self.hparams.truncate_visits
+            self.tokenizer, limit, datamodule.dataset, datamodule.task, style, self.hparams.max_subquestions, self.hparams.truncate_visits
         )
 
     def on_test_epoch_start(self) -> None:

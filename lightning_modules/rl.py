@@ -179,7 +179,7 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
             raise EAGRLInputError("model.expert_attention: the reward uses R_att (reward.use_attention true) and needs the expert export")
         self.save_hyperparameters(ignore=["backbone", "sampling", "rollout_sampling", "reward"])
         self.hparams.update(
-            backbone=asdict(backbone), sampling=asdict(sampling), rollout_sampling=asdict(rollout_sampling), reward=asdict(reward), style=self.style
+            backbone=asdict(backbone), sampling=asdict(sampling), rollout_sampling=asdict(rollout_sampling), reward=asdict(reward)
         )
         self.backbone_options, self.sampling, self.rollout_sampling, self.reward = backbone, sampling, rollout_sampling, reward
         self.test_after_fit = test_after_fit
@@ -281,10 +281,11 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
     # ------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["rng_state"] = {
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_state"] = {  # tensors and plain values only: checkpoints load with weights_only=True
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
             "python": random.getstate(),
         }
 
@@ -295,5 +296,7 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
+        kind, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))

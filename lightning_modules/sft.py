@@ -100,7 +100,7 @@ class SFTModule(AdapterCheckpointing, AnswerEvaluator):
         if backbone.lora is None:
             raise EAGRLInputError("model.backbone.lora: SFT trains LoRA adapters; give lora options (rank, alpha, ...)")
         self.save_hyperparameters(ignore=["backbone", "sampling", "reward"])
-        self.hparams.update(backbone=asdict(backbone), sampling=asdict(sampling), reward=asdict(reward), style=self.style)
+        self.hparams.update(backbone=asdict(backbone), sampling=asdict(sampling), reward=asdict(reward))
         self.backbone_options, self.sampling, self.reward = backbone, sampling, reward
         self.test_after_fit = test_after_fit
         self.llm = None

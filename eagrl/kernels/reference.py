@@ -18,8 +18,9 @@ import torch
 
 
 def token_logp_entropy_reference(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logp, entropy, lse)``, each [N] float32, differentiable w.r.t. ``logits`` [N, V]."""
-    x = logits.float() / temperature  # [N, V]
+    """``(logp, entropy, lse)``, each [N] float32 (float64 for float64 logits: the tests' oracle),
+    differentiable w.r.t. ``logits`` [N, V]."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # [N, V]
     alive = torch.isfinite(x.amax(dim=-1))  # [N] rows with a finite logit
     x = torch.where(alive[:, None], x, torch.zeros_like(x))  # masked rows: finite stand-ins, no NaN gradients
     lse = torch.logsumexp(x, dim=-1)  # [N]
@@ -44,13 +45,15 @@ def token_logp_entropy_backward_reference(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """dL/dlogits [N, V] in the dtype of ``logits``, from the saved ``lse``/``entropy`` [N] (the formula above)."""
-    x = logits.float() / temperature  # [N, V]
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    x = logits.to(compute) / temperature  # [N, V]
     alive = torch.isfinite(lse)  # [N]
     safe_lse = torch.where(alive, lse, torch.zeros_like(lse))
     log_p = x - safe_lse[:, None]  # [N, V]
     p = torch.where(alive[:, None], torch.exp(log_p), torch.zeros_like(x))  # [N, V]
     plogp_h = torch.where(p > 0, p * (log_p + entropy[:, None]), torch.zeros_like(p))  # [N, V]
     onehot = torch.zeros_like(x).scatter_(-1, ids.long()[:, None], 1.0)  # [N, V]
-    grad = grad_logp.float()[:, None] * (onehot - p) - grad_entropy.float()[:, None] * plogp_h + grad_lse.float()[:, None] * p  # [N, V]
+    g_logp, g_entropy, g_lse = (g.to(compute)[:, None] for g in (grad_logp, grad_entropy, grad_lse))
+    grad = g_logp * (onehot - p) - g_entropy * plogp_h + g_lse * p  # [N, V]
     grad = torch.where(alive[:, None], grad, torch.zeros_like(grad)) / temperature
     return grad.to(logits.dtype)
