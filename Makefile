@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast reproduce summaries concare bench clean-cache
+.PHONY: help install test test-fast reproduce summaries concare bench bench-kernel bench-rl-step clean-cache
 RUNS ?= runs
 
 help:  ## list the targets
@@ -52,6 +52,12 @@ reproduce: install summaries concare  ## run the whole pipeline on the embedded 
 
 bench: install  ## preprocessing speed and memory benchmark
 	$(PY) benchmarks/preprocessing.py
+
+bench-kernel: install  ## log-prob/entropy over N x V logits: eager vs compiled reference vs fused Triton kernel (GPU)
+	$(PY) benchmarks/kernel.py
+
+bench-rl-step: install  ## one RL step of ours against TRL's GRPOTrainer on CPU (needs: pip install trl==1.16.0)
+	$(PY) benchmarks/rl_step.py
 
 clean-cache:  ## delete the preprocessing cache
 	rm -rf $${EAGRL_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/eagrl}/datasets

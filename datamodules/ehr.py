@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Subset, Dataset
 
 from eagrl.data import mimic_iv, tjh
 from eagrl.data.cohort import SPLITS, PreparedCohort
@@ -137,6 +137,9 @@ class EHRDataModule(L.LightningDataModule):
         max_steps: MIMIC-IV days kept per stay (earlier days collapse into the first kept one).
         rebuild_cache: ignore a valid cache and preprocess again.
         progress: show progress bars while preprocessing.
+        train_patients: train on a seeded subset of this many train patients, half of each outcome where
+            the split has enough (CPU demos: the same few patients every epoch, so their reward can be
+            followed); None: every train patient.
         predict_splits: the splits ``predict`` runs over (one dataloader each), e.g. ``[train, val]`` for
             stage 1's distillation.
     """
@@ -161,6 +164,7 @@ class EHRDataModule(L.LightningDataModule):
         rebuild_cache: bool = False,
         progress: bool = True,
         predict_splits: list[Literal["train", "val", "test"]] = ["test"],  # noqa: B006 - jsonargparse needs a value
+        train_patients: Optional[PositiveInt] = None,
     ):
         super().__init__()
         if dataset not in DATASET_TASKS:
@@ -254,8 +258,26 @@ class EHRDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def train_subset(self) -> list[int]:
+        """Positions in the train split of the ``train_patients`` subset (seeded by ``split_seed``)."""
+        labels = self.datasets["train"].labels
+        rng = np.random.default_rng(self.hparams.split_seed)
+        positive = rng.permutation(np.flatnonzero(labels == 1)).tolist()
+        negative = rng.permutation(np.flatnonzero(labels != 1)).tolist()
+        wanted = min(self.hparams.train_patients, len(labels))
+        take = min(len(positive), wanted // 2)
+        take_negative = min(len(negative), wanted - take)
+        chosen = positive[:take] + negative[:take_negative]
+        chosen += positive[take : take + wanted - len(chosen)]  # too few negatives: fill with positives
+        return sorted(chosen)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        if self.hparams.train_patients is None:
+            return self._loader("train", shuffle=True)
+        if "train" not in self.datasets:
+            self.setup()
+        subset = Subset(self.datasets["train"], self.train_subset())
+        return DataLoader(subset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers, collate_fn=collate_samples)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -30,6 +30,7 @@ resumes); the end of fit writes ``model/adapter`` and ``model/merged``.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import warnings
@@ -54,6 +55,7 @@ from lightning_modules.adapters import AdapterCheckpointing
 from lightning_modules.prompting import AnswerEvaluator
 
 
+log = logging.getLogger(__name__)
 # post-step checkpoints are what resuming wants; Lightning warns about them with manual optimisation
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
@@ -217,8 +219,9 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
             kl_coef=hp.kl_coef,
             max_grad_norm=hp.max_grad_norm,
             temperature=self.rollout_sampling.temperature,
-            backend=resolve_backend(hp.loss_backend, self.device),  # a forced path that cannot run fails here
+            backend=resolve_backend(hp.loss_backend, self.trainer.strategy.root_device),  # a forced path that cannot run fails here
         )
+        log.info("RL loss: the %s path%s", self.update_config.backend, " under torch.compile" if hp.compile_loss else "")
         longest = max(self.sampling.max_new_tokens, self.rollout_sampling.max_new_tokens)
         self.setup_answers(["train", "test"], max_new_tokens=longest)
 

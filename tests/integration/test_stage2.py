@@ -26,7 +26,7 @@ def _fit(tmp_path: Path, expert: Path, cache: Path, *extra: str):
 
 @pytest.mark.slow
 def test_rl_fit_then_resume(tmp_path, tjh_expert, session_cache):
-    result = _fit(tmp_path, tjh_expert, session_cache)
+    result = _fit(tmp_path, tjh_expert, session_cache, "--model.init_args.compile_loss", "true")  # the loss under torch.compile
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for name in ("train/reward", "train/r_cls", "train/r_att", "train/parse_rate", "train/entropy", "train/clip_low",

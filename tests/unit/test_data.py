@@ -183,3 +183,17 @@ def test_batches_are_padded_with_masks(mimic_module):
     assert (batch["mask"].sum(1) == batch["lengths"]).all()
     padded = ~batch["mask"]
     assert (batch["x"][padded] == 0).all() and batch["missing"][padded].all()
+
+
+def test_train_patients_is_a_fixed_balanced_subset(session_cache):
+    from datamodules import EHRDataModule
+
+    dm = EHRDataModule(dataset="tjh", cache_dir=str(session_cache), progress=False, train_patients=6, batch_size=4)
+    dm.setup()
+    epochs = [sorted(i for batch in dm.train_dataloader() for i in batch["index"].tolist()) for _ in range(2)]
+    assert epochs[0] == epochs[1] and len(epochs[0]) == 6  # the same patients every epoch
+    labels = dm.datasets["train"].labels[epochs[0]]
+    assert int(labels.sum()) == 3  # half of each outcome
+    again = EHRDataModule(dataset="tjh", cache_dir=str(session_cache), progress=False, train_patients=6)
+    again.setup()
+    assert again.train_subset() == epochs[0]  # seeded
