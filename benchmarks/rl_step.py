@@ -2,16 +2,17 @@
 on CPU: time per step and peak memory, side by side in one run.
 
     pip install trl==1.16.0        # the peer; not a dependency of eagrl
-    python benchmarks/rl_step.py [--visits 1 3] [--group 4] [--new-tokens 128] [--steps 3] [--threads 2]
+    python benchmarks/rl_step.py [--dataset mimic_iv] [--visits 1 3] [--group 4] [--new-tokens 128] [--steps 3]
 
-Both sides: the embedded SmolLM2-135M-Instruct in fp32, LoRA r 8 / alpha 16 on q/k/v/o, one TJH train
-patient's decomposition prompt (``--visits`` sets how many visits it shows, hence its length), G sampled
+Both sides: the embedded SmolLM2-135M-Instruct in fp32, LoRA r 8 / alpha 16 on q/k/v/o, the first train
+patient's decomposition prompt (``--visits`` sets how many visits it shows, hence its length: MIMIC-IV
+demo prompts are ~0.6-1.5k tokens, TJH ones ~1.9k with one visit), G sampled
 completions of exactly ``--new-tokens`` tokens (end-of-text suppressed before), the classification
 reward, β_KL = 0, one optimisation pass per rollout, AdamW lr 1e-5. A step is rollout + reward + update.
 Each side runs in its own process (so its peak RSS is its own); the time is the median step after the
 first (warm-up) one, the memory the process's peak RSS (VmHWM) over all steps.
 ``--gradient-checkpointing`` turns it on for TRL (ours cannot: its shared-prompt forward needs the cache).
-Results go to ``results/bench_rl_step.json``.
+Results go to ``results/bench_rl_step_<dataset>.json``.
 """
 
 from __future__ import annotations
@@ -36,17 +37,17 @@ def _peak_rss_gib() -> float:
         return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:")) / 2**20
 
 
-def _prompt(visits: int):
-    """(chat-templated prompt, label) of the first TJH train patient, showing ``visits`` visits."""
+def _prompt(dataset: str, visits: int):
+    """(chat-templated prompt, label) of the first train patient of ``dataset``, showing ``visits`` visits."""
     from datamodules import EHRDataModule
     from eagrl.llm.prompts import build_prompt
     from eagrl.models.backbone import embedded_tokenizer, BackboneOptions
 
-    data = EHRDataModule(dataset="tjh", task="mortality", split="published", max_visits=visits)
+    data = EHRDataModule(dataset=dataset, task="mortality", max_visits=visits)
     data.setup("fit")
     train = data.datasets["train"]
     tokenizer = embedded_tokenizer(BackboneOptions())
-    prompt = build_prompt(tokenizer, train.text(0), "tjh", "mortality", "decomposition", 2)
+    prompt = build_prompt(tokenizer, train.text(0), dataset, "mortality", "decomposition", 2)
     return prompt, int(train[0]["label"])
 
 
@@ -66,7 +67,7 @@ def run_ours(args) -> dict:
     from eagrl.rl.rollout import key_token_mask
     from eagrl.rl.step import UpdateConfig, optimise
 
-    prompt, label = _prompt(args.visits)
+    prompt, label = _prompt(args.dataset, args.visits)
     lora = LoraOptions(rank=LORA["r"], alpha=LORA["lora_alpha"], dropout=0.0, target_modules=LORA["target_modules"])
     model, tokenizer = load_backbone(BackboneOptions(dtype="float32", lora=lora))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -101,7 +102,7 @@ def run_trl(args) -> dict:
 
     load_backbone(BackboneOptions())  # converts the embedded GGUF once (cached)
     folder = cache_dir() / "models" / "smollm2-135m-instruct"
-    prompt, label = _prompt(args.visits)
+    prompt, label = _prompt(args.dataset, args.visits)
     times: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -134,6 +135,7 @@ def run_trl(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=["mimic_iv", "tjh"], default="mimic_iv", help="whose first train patient")
     parser.add_argument("--visits", type=int, nargs="+", default=[1, 3], help="visits shown in the prompt (its length)")
     parser.add_argument("--group", type=int, default=4, help="G, completions per prompt")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens per completion (exactly)")
@@ -142,7 +144,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="TRL with gradient checkpointing")
     parser.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=["ours", "trl"])
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_rl_step.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/bench_rl_step_<dataset>.json")
     args = parser.parse_args()
 
     if args.worker:  # one side, one prompt length, in this process
@@ -161,7 +163,7 @@ def main() -> None:
     rows = []
     for visits in args.visits:
         for side in args.sides:
-            command = [sys.executable, __file__, "--worker", side, "--visits", str(visits), "--group", str(args.group),
+            command = [sys.executable, __file__, "--worker", side, "--dataset", args.dataset, "--visits", str(visits), "--group", str(args.group),
                        "--new-tokens", str(args.new_tokens), "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
             if args.gradient_checkpointing:
                 command.append("--gradient-checkpointing")
@@ -173,14 +175,15 @@ def main() -> None:
                 continue
             result = json.loads(line[len("RESULT ") :])
             timed = result["step_s"][1:] or result["step_s"]
-            row = {"side": side, "visits": visits, **result, "median_step_s": statistics.median(timed)}
+            row = {"side": side, "dataset": args.dataset, "visits": visits, **result, "median_step_s": statistics.median(timed)}
             rows.append(row)
-            print(f"{side:>5}  prompt {row['prompt_tokens']:5d} tokens  G={args.group}  {args.new_tokens} new tokens  "
+            print(f"{side:>5}  {args.dataset} prompt {row['prompt_tokens']:5d} tokens  G={args.group}  {args.new_tokens} new tokens  "
                   f"median step {row['median_step_s']:7.1f} s  peak RSS {row['peak_rss_gib']:5.2f} GiB", flush=True)  # fmt: skip
     summary = {"group": args.group, "new_tokens": args.new_tokens, "threads": args.threads, "steps": args.steps,
                "trl_gradient_checkpointing": args.gradient_checkpointing, "rows": rows}  # fmt: skip
-    write_json_atomic(args.out, summary)
-    print(f"wrote {args.out}")
+    out = args.out or REPO / "results" / f"bench_rl_step_{args.dataset}.json"
+    write_json_atomic(out, summary)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

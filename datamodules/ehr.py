@@ -140,6 +140,8 @@ class EHRDataModule(L.LightningDataModule):
         train_patients: train on a seeded subset of this many train patients, half of each outcome where
             the split has enough (CPU demos: the same few patients every epoch, so their reward can be
             followed); None: every train patient.
+        eval_patients: ``test`` runs over a seeded subset of this many test patients, half of each outcome
+            (CPU evaluations of the LLM methods: every method answers the same patients); None: all.
         predict_splits: the splits ``predict`` runs over (one dataloader each), e.g. ``[train, val]`` for
             stage 1's distillation.
     """
@@ -165,6 +167,7 @@ class EHRDataModule(L.LightningDataModule):
         progress: bool = True,
         predict_splits: list[Literal["train", "val", "test"]] = ["test"],  # noqa: B006 - jsonargparse needs a value
         train_patients: Optional[PositiveInt] = None,
+        eval_patients: Optional[PositiveInt] = None,
     ):
         super().__init__()
         if dataset not in DATASET_TASKS:
@@ -258,32 +261,39 @@ class EHRDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_subset(self) -> list[int]:
-        """Positions in the train split of the ``train_patients`` subset (seeded by ``split_seed``)."""
-        labels = self.datasets["train"].labels
+    def subset(self, split: str, size: int) -> list[int]:
+        """Positions in ``split`` of a seeded subset of ``size`` patients (seed ``split_seed``), half of
+        each outcome where the split has enough (the rest filled from the other outcome)."""
+        if split not in self.datasets:
+            self.setup()
+        labels = self.datasets[split].labels
         rng = np.random.default_rng(self.hparams.split_seed)
         positive = rng.permutation(np.flatnonzero(labels == 1)).tolist()
         negative = rng.permutation(np.flatnonzero(labels != 1)).tolist()
-        wanted = min(self.hparams.train_patients, len(labels))
+        wanted = min(size, len(labels))
         take = min(len(positive), wanted // 2)
-        take_negative = min(len(negative), wanted - take)
-        chosen = positive[:take] + negative[:take_negative]
+        chosen = positive[:take] + negative[: wanted - take]
         chosen += positive[take : take + wanted - len(chosen)]  # too few negatives: fill with positives
         return sorted(chosen)
 
+    def train_subset(self) -> list[int]:
+        """Positions in the train split of the ``train_patients`` subset."""
+        return self.subset("train", self.hparams.train_patients)
+
+    def _subset_loader(self, split: str, size: Optional[int], shuffle: bool) -> DataLoader:
+        if size is None:
+            return self._loader(split, shuffle=shuffle)
+        subset = Subset(self.datasets[split], self.subset(split, size))
+        return DataLoader(subset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=collate_samples)
+
     def train_dataloader(self) -> DataLoader:
-        if self.hparams.train_patients is None:
-            return self._loader("train", shuffle=True)
-        if "train" not in self.datasets:
-            self.setup()
-        subset = Subset(self.datasets["train"], self.train_subset())
-        return DataLoader(subset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers, collate_fn=collate_samples)
+        return self._subset_loader("train", self.hparams.train_patients, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._subset_loader("test", self.hparams.eval_patients, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         loaders = [self._loader(split, shuffle=False) for split in self.hparams.predict_splits]

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from torch.utils.data import DataLoader
 
-from datamodules.ehr import EHRDataModule, collate_samples
+from datamodules.ehr import EHRDataModule
 from eagrl.errors import EAGRLInputError
 from eagrl.mcts.selection import balance_patients
 
@@ -101,4 +101,5 @@ class TrajectoryDataModule(EHRDataModule):
         return DataLoader(self.examples["val"], batch_size=self.batch_size, shuffle=False, collate_fn=collate_examples)
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [DataLoader(self.datasets[s], batch_size=self.batch_size, shuffle=False, collate_fn=collate_samples) for s in self.hparams.eval_splits]
+        """One loader per ``eval_splits`` split; ``eval_patients`` (a balanced seeded subset) applies to each."""
+        return [self._subset_loader(s, self.hparams.eval_patients, shuffle=False) for s in self.hparams.eval_splits]

@@ -197,3 +197,13 @@ def test_train_patients_is_a_fixed_balanced_subset(session_cache):
     again = EHRDataModule(dataset="tjh", cache_dir=str(session_cache), progress=False, train_patients=6)
     again.setup()
     assert again.train_subset() == epochs[0]  # seeded
+
+
+def test_eval_patients_is_a_balanced_test_subset(session_cache):
+    from datamodules import EHRDataModule
+
+    dm = EHRDataModule(dataset="tjh", cache_dir=str(session_cache), progress=False, eval_patients=8, batch_size=3)
+    dm.setup()
+    seen = [i for batch in dm.test_dataloader() for i in batch["index"].tolist()]
+    assert seen == sorted(seen) and len(seen) == 8 and all(s == "test" for b in dm.test_dataloader() for s in b["split"])
+    assert int(dm.datasets["test"].labels[seen].sum()) == 4

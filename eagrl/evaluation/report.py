@@ -1,0 +1,355 @@
+"""The results of a ``make reproduce`` run: tables (``results.md``, ``results.json``) and plots, read from
+the run directories' own files, never typed in.
+
+    python -m eagrl.evaluation.report --runs runs --out results
+
+Where each number comes from (``<runs>/<dataset>/<method><suffix>/``):
+
+- the main table: ``metrics.json`` ``test/auroc``, ``test/auroc_std``, ``test/auprc``, ``test/auprc_std`` (mean
+  and std over the bootstrap resamples, shown x100) and ``test/samples`` (patients answered; ConCare: the
+  whole test split) of every method x dataset run;
+- the ablation table: the same for the TJH ablation runs; the robustness table: the TJH runs re-tested with
+  a shuffled feature order (``robust/<method>_<percent>``; 0% is the main run); the cross-dataset table:
+  the MIMIC-IV-trained models tested on TJH (``cross/<method>``; ConCare is not applicable: its inputs are
+  dataset-specific feature columns);
+- ROC and PR curves: the per-patient predictions of each run (``generations.jsonl`` of the LLM methods,
+  the test rows of ConCare's ``expert_attention.jsonl``); RL curves: the runs' ``logs/*/metrics.csv``.
+
+A run that is missing shows "—" (not run); a metric that is undefined (one outcome among the patients
+answered) shows "n/a".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from eagrl.io import write_json_atomic, write_text_atomic
+
+COLUMNS = [  # (key, title, dataset folder, run-name suffix)
+    ("tjh", "TJH mortality", "tjh", ""),
+    ("mimic_iv_mortality", "MIMIC-IV mortality", "mimic_iv", "_mortality"),
+    ("mimic_iv_readmission", "MIMIC-IV readmission", "mimic_iv", "_readmission"),
+]
+MAIN = [  # (row, run name)
+    ("ConCare", "concare"),
+    ("Vanilla", "prompting_vanilla"),
+    ("Think-then-Answer", "prompting_think"),
+    ("Question Decomposition", "prompting_decomposition"),
+    ("SFT", "sft"),
+    ("GRPO", "rl_grpo"),
+    ("DAPO", "rl_dapo"),
+    ("EAG-RL", "rl"),
+]
+ABLATIONS = [
+    ("EAG-RL (full)", "rl"),
+    ("without stage 1 (RL from the base model)", "rl_no_stage1"),
+    ("without stage 2 (SFT only)", "sft"),
+    ("without R_att", "rl_no_att"),
+    ("without ε(τ)", "rl_no_entropy"),
+]
+ROBUST_METHODS = [("ConCare", "concare"), ("Base LLM (Question Decomposition)", "prompting_decomposition"), ("EAG-RL", "rl")]
+SHUFFLED = [0, 20, 40, 60, 100]
+CROSS = [("Base LLM (Question Decomposition)", "prompting_decomposition"), ("SFT", "sft"), ("EAG-RL", "rl")]
+RL_VARIANTS = [("GRPO", "rl_grpo"), ("DAPO", "rl_dapo"), ("EAG-RL", "rl"), ("without R_att", "rl_no_att"), ("without ε(τ)", "rl_no_entropy")]
+
+
+@dataclass
+class Cell:
+    """One method x dataset result (fractions in [0, 1]; None: undefined)."""
+
+    source: str
+    auroc: Optional[float] = None
+    auroc_std: Optional[float] = None
+    auprc: Optional[float] = None
+    auprc_std: Optional[float] = None
+    patients: Optional[int] = None
+
+    def text(self) -> tuple[str, str]:
+        def one(mean, std):
+            if mean is None:
+                return "n/a"
+            return f"{100 * mean:.2f} ± {100 * (std or 0.0):.2f}"
+
+        return one(self.auroc, self.auroc_std), one(self.auprc, self.auprc_std)
+
+
+def _number(value: Any) -> Optional[float]:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def read_cell(run: Path) -> Optional[Cell]:
+    """The test metrics of one run directory, or None when it has no ``metrics.json``."""
+    path = run / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    patients = _number(metrics.get("test/samples"))
+    if patients is None and (run / "expert_attention.jsonl").is_file():  # ConCare: the whole test split
+        patients = sum(1 for r in _jsonl(run / "expert_attention.jsonl") if r.get("split") == "test")
+    return Cell(
+        source=str(path),
+        auroc=_number(metrics.get("test/auroc")),
+        auroc_std=_number(metrics.get("test/auroc_std")),
+        auprc=_number(metrics.get("test/auprc")),
+        auprc_std=_number(metrics.get("test/auprc_std")),
+        patients=int(patients) if patients is not None else None,
+    )
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def predictions(run: Path) -> Optional[tuple[list[float], list[int]]]:
+    """(ŷ, labels) of the test patients of a run, or None. Unparsed answers count as 0.5, as in the metrics."""
+    if (run / "generations.jsonl").is_file():
+        rows = [r for r in _jsonl(run / "generations.jsonl") if r.get("split", "test") == "test"]
+        fill = 0.5
+        return [r["y_hat"] if r["y_hat"] is not None else fill for r in rows], [int(r["label"]) for r in rows]
+    if (run / "expert_attention.jsonl").is_file():
+        rows = [r for r in _jsonl(run / "expert_attention.jsonl") if r.get("split") == "test"]
+        return [float(r["prob"]) for r in rows], [int(r["label"]) for r in rows]
+    return None
+
+
+def collect(runs: Path) -> dict[str, Any]:
+    """Every table's cells, as ``results.json`` holds them."""
+
+    def cell(path: Path) -> Optional[dict[str, Any]]:
+        found = read_cell(path)
+        return None if found is None else found.__dict__
+
+    main = {row: {key: cell(runs / folder / f"{name}{suffix}") for key, _, folder, suffix in COLUMNS} for row, name in MAIN}
+    ablation = {row: cell(runs / "tjh" / name) for row, name in ABLATIONS}
+    robustness = {
+        row: {str(p): cell(runs / "tjh" / (name if p == 0 else f"robust/{name}_{p}")) for p in SHUFFLED} for row, name in ROBUST_METHODS
+    }
+    cross = {row: cell(runs / "cross" / name) for row, name in CROSS}
+    return {"main": main, "ablation": ablation, "robustness": robustness, "cross_dataset": cross}
+
+
+def _run_facts(runs: Path) -> dict[str, Any]:
+    """Model, data, sizes and date of the run, from the run bundles (``run_info.json``, ``config.yaml``)."""
+    facts: dict[str, Any] = {"generated": dt.datetime.now().isoformat(timespec="seconds")}
+    infos = sorted(runs.glob("**/run_info.json"), key=lambda p: p.stat().st_mtime)
+    if infos:
+        info = json.loads(infos[-1].read_text())
+        facts["git_revision"] = info.get("git_revision")
+        facts["versions"] = info.get("versions", {})
+        facts["runs_between"] = [dt.datetime.fromtimestamp(p.stat().st_mtime).isoformat(timespec="minutes") for p in (infos[0], infos[-1])]
+    facts["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs" + (f", {torch_device()}" if torch_device() else "")
+    models = set()
+    for config in runs.glob("**/config.yaml"):
+        backbone = ((yaml.safe_load(config.read_text()) or {}).get("model", {}).get("init_args", {}) or {}).get("backbone")
+        if isinstance(backbone, dict) and backbone.get("name"):
+            models.add(str(backbone["name"]))
+    facts["llm_backbones"] = sorted(models)
+    return facts
+
+
+def torch_device() -> Optional[str]:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
+    def fmt(c: Optional[dict[str, Any]]) -> tuple[str, str, str]:
+        if c is None:
+            return "—", "—", "—"
+        auroc, auprc = Cell(**c).text()
+        return auroc, auprc, str(c["patients"]) if c["patients"] is not None else "?"
+
+    lines = ["# Results", "", f"Generated {facts['generated']} from the run directories (every number is read from a run's `metrics.json`).", ""]
+    versions = facts.get("versions", {})
+    lines += [
+        f"- LLM backbone(s): {', '.join(facts.get('llm_backbones') or ['?'])}",
+        f"- runs written between {' and '.join(facts.get('runs_between') or ['?'])} on {facts['machine']}",
+        f"- git revision {facts.get('git_revision', '?')}; torch {versions.get('torch', '?')}, transformers {versions.get('transformers', '?')}",
+        "- data: TJH (published split) and the MIMIC-IV Clinical Database Demo v2.2 (stratified split); sizes: see n",
+        "",
+    ]
+    lines += ["AUROC and AUPRC x100, mean ± std over the bootstrap resamples of the test patients answered (n: how many; ConCare: the whole test split). — : not run; n/a: undefined (one outcome among the patients).", ""]
+
+    lines += ["## Main table", ""]
+    header = "| method | " + " | ".join(f"{title} AUROC | {title} AUPRC | n" for _, title, _, _ in COLUMNS) + " |"
+    lines += [header, "|---" * (1 + 3 * len(COLUMNS)) + "|"]
+    for row, _ in MAIN:
+        cells = [" | ".join(fmt(results["main"][row][key])) for key, *_ in COLUMNS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Ablations (TJH mortality)", "", "| variant | AUROC | AUPRC | n |", "|---|---|---|---|"]
+    lines += [f"| {row} | " + " | ".join(fmt(results["ablation"][row])) + " |" for row, _ in ABLATIONS]
+
+    lines += ["", "## Robustness: shuffled feature order at test time (TJH mortality)", ""]
+    lines += ["| method | " + " | ".join(f"{p}% AUROC | {p}% AUPRC" for p in SHUFFLED) + " |", "|---" * (1 + 2 * len(SHUFFLED)) + "|"]
+    for row, _ in ROBUST_METHODS:
+        lines.append(f"| {row} | " + " | ".join(" | ".join(fmt(results["robustness"][row][str(p)])[:2]) for p in SHUFFLED) + " |")
+
+    lines += ["", "## Generalisation: trained on MIMIC-IV mortality, tested on TJH mortality", "", "| method | AUROC | AUPRC | n |", "|---|---|---|---|"]
+    lines += [f"| {row} | " + " | ".join(fmt(results["cross_dataset"][row])) + " |" for row, _ in CROSS]
+    lines.append("| ConCare | not applicable | not applicable | (its inputs are MIMIC-IV feature columns; TJH has other features) |")
+    lines += ["", "## Plots", ""]
+    lines += [f"- `{name}`" for name in results.get("plots", [])]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _plot_curves(runs: Path, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
+
+    written = []
+    for key, title, folder, suffix in COLUMNS:
+        curves = []
+        for row, name in MAIN:
+            found = predictions(runs / folder / f"{name}{suffix}")
+            if found is None or len(set(found[1])) < 2:
+                continue
+            probs, labels = torch.tensor(found[0], dtype=torch.float), torch.tensor(found[1])
+            curves.append((row, binary_roc(probs, labels), binary_precision_recall_curve(probs, labels)))
+        if not curves:
+            continue
+        figure, (roc_axis, pr_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for row, (fpr, tpr, _), (precision, recall, _) in curves:
+            roc_axis.plot(fpr.numpy(), tpr.numpy(), label=row)
+            pr_axis.plot(recall.numpy(), precision.numpy(), label=row)
+        roc_axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        roc_axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {title}")
+        pr_axis.set(xlabel="recall", ylabel="precision", title=f"PR, {title}")
+        pr_axis.legend(fontsize=8, loc="lower left")
+        figure.tight_layout()
+        written.append(_save(figure, out / f"roc_pr_{key}.png"))
+    return written
+
+
+def _save(figure, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(tmp, dpi=120)
+    plt.close(figure)
+    tmp.replace(path)
+    return path.name
+
+
+def _plot_robustness(results: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = False
+    for row, _ in ROBUST_METHODS:
+        points = [(p, results["robustness"][row][str(p)]) for p in SHUFFLED]
+        for axis, metric in zip(axes, ("auroc", "auprc")):
+            xs = [p for p, c in points if c and c[metric] is not None]
+            ys = [100 * c[metric] for p, c in points if c and c[metric] is not None]
+            if xs:
+                axis.plot(xs, ys, marker="o", label=row)
+                drawn = True
+    if not drawn:
+        plt.close(figure)
+        return []
+    for axis, metric in zip(axes, ("AUROC", "AUPRC")):
+        axis.set(xlabel="feature order shuffled (%)", ylabel=metric, title=f"{metric} vs shuffled order (TJH)")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    return [_save(figure, out / "robustness.png")]
+
+
+def _plot_cross(results: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    rows = [(row, results["cross_dataset"][row]) for row, _ in CROSS]
+    rows = [(row, c) for row, c in rows if c is not None]
+    if not rows:
+        return []
+    figure, axis = plt.subplots(figsize=(8, 4))
+    width = 0.38
+    for k, metric in enumerate(("auroc", "auprc")):
+        values = [100 * (c[metric] or 0.0) for _, c in rows]
+        errors = [100 * (c[f"{metric}_std"] or 0.0) for _, c in rows]
+        axis.bar([i + (k - 0.5) * width for i in range(len(rows))], values, width, yerr=errors, label=metric.upper())
+    axis.set_xticks(range(len(rows)), [row for row, _ in rows], fontsize=8)
+    axis.set(ylabel="x100", title="Trained on MIMIC-IV mortality, tested on TJH (ConCare: not applicable)")
+    axis.legend()
+    figure.tight_layout()
+    return [_save(figure, out / "cross_dataset.png")]
+
+
+def _metrics_csv(run: Path) -> list[dict[str, str]]:
+    files = sorted(run.glob("logs/*/metrics.csv"))
+    if not files:
+        return []
+    with open(files[-1], encoding="utf-8") as handle:
+        return [r for r in csv.DictReader(handle) if r.get("train/reward")]
+
+
+def _plot_rl(runs: Path, out: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    panels = [("train/reward", "reward"), ("train/entropy", "entropy"), ("train/clip_high", "clipped high"), ("train/clip_low", "clipped low")]
+    written = []
+    for key, title, folder, suffix in COLUMNS:
+        series = [(row, _metrics_csv(runs / folder / f"{name}{suffix}")) for row, name in RL_VARIANTS]
+        series = [(row, rows) for row, rows in series if rows]
+        if not series:
+            continue
+        figure, axes = plt.subplots(1, len(panels), figsize=(16, 3.6))
+        for axis, (column, label) in zip(axes, panels):
+            for row, rows in series:
+                points = [(int(r["step"]), float(r[column])) for r in rows if r.get(column)]
+                if points:
+                    axis.plot(*zip(*points), label=row)
+            axis.set(xlabel="step", title=f"{label}, {title}")
+        axes[0].legend(fontsize=7)
+        figure.tight_layout()
+        written.append(_save(figure, out / f"rl_curves_{key}.png"))
+    return written
+
+
+def build(runs: Path, out: Path) -> dict[str, Any]:
+    """Write ``results.md``, ``results.json`` and the plots under ``out``; return what ``results.json`` holds."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = collect(runs)
+    facts = _run_facts(runs)
+    results["plots"] = _plot_curves(runs, out) + _plot_robustness(results, out) + _plot_cross(results, out) + _plot_rl(runs, out)
+    results["facts"] = facts
+    write_json_atomic(out / "results.json", results)
+    write_text_atomic(out / "results.md", markdown(results, facts))
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Write results.md, results.json and the plots from the run directories.")
+    parser.add_argument("--runs", type=Path, default=Path("runs"), help="the runs root of make reproduce")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="where to write the results")
+    args = parser.parse_args(argv)
+    if not args.runs.is_dir():
+        raise SystemExit(f"error: {args.runs} does not exist: run the pipeline first (make reproduce)")
+    results = build(args.runs, args.out)
+    found = sum(c is not None for row in results["main"].values() for c in row.values())
+    print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {len(results['plots'])} plots ({found} main-table runs found)")
+
+
+if __name__ == "__main__":
+    main()
