@@ -21,7 +21,7 @@ from eagrl.data import mimic_iv, tjh
 from eagrl.data.cohort import SPLITS, PreparedCohort
 from eagrl.data.features import DATASET_TASKS
 from eagrl.data.preprocess import PREPROCESS_VERSION, load_or_build, prepare, stratified_patient_split
-from eagrl.data.text import serialize_patient, system_prompt
+from eagrl.data.text import serialize_patient, shuffled_order, system_prompt
 from eagrl.errors import EAGRLInputError
 from eagrl.paths import cache_dir, data_dir
 
@@ -45,12 +45,18 @@ class EHRDataset(Dataset):
         raw = self.cohort.raw
         rows = raw.rows(k)
         x = self.cohort.normalised[rows]  # [T, F]
+        missing = self.cohort.missing[rows]  # [T, F] bool
+        fraction = self.text_options.get("shuffle_fraction") or 0.0
+        if fraction:  # the robustness study: tensor models read the dynamic columns in the text's shuffled order
+            order = shuffled_order(x.shape[1] - self.n_demographic, fraction, self.text_options.get("shuffle_seed", 0), str(raw.sample_ids[k]))
+            columns = np.concatenate([np.arange(self.n_demographic), self.n_demographic + order])
+            x, missing = x[:, columns], missing[:, columns]
         return {
             "id": str(raw.sample_ids[k]),
             "index": i,
             "split": self.split,
             "x": x,
-            "missing": self.cohort.missing[rows],  # [T, F] bool
+            "missing": missing,
             "days": raw.days[rows],  # [T]
             "demographics": x[0, : self.n_demographic],  # [D], normalised
             "label": np.float32(raw.labels[self.task][k]),
@@ -131,7 +137,8 @@ class EHRDataModule(L.LightningDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
         max_visits: show only the last N visits in the LLM text (None: all).
-        shuffle_fraction: fraction of feature lines whose order is permuted in the LLM text (0, 0.2, ..., 1).
+        shuffle_fraction: fraction of feature lines whose order is permuted in the LLM text (0, 0.2, ..., 1);
+            tensor models (ConCare) get their dynamic feature columns permuted the same way.
         shuffle_seed: seed of that permutation.
         chunk_size: rows of MIMIC-IV chartevents read at a time (memory follows this, not the table size).
         max_steps: MIMIC-IV days kept per stay (earlier days collapse into the first kept one).

@@ -128,6 +128,17 @@ class MetricsJsonWriter(L.Callback):
         self._write(trainer)
 
 
+def _plain(value: Any) -> Any:
+    """A jsonargparse Namespace (or anything nested in one) as plain dicts, lists and scalars."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
 class EAGRLCLI(LightningCLI):
     """LightningCLI with OmegaConf interpolation, a run bundle in the run directory, and ``summary``."""
 
@@ -147,6 +158,34 @@ class EAGRLCLI(LightningCLI):
             parser_kwargs={"description": "EAG-RL: expert-attention-guided LLM reasoning over EHR.", "prog": "python -m eagrl"},
         )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--wandb",
+            choices=["offline", "online", "off"],
+            default=os.environ.get("EAGRL_WANDB", "offline"),
+            help="Weights & Biases logging: offline files under <run>/wandb (sync later with `wandb sync`), online, "
+            "or off. Only the resolved config and aggregate metrics are logged, never patient text, ids or values.",
+        )
+        parser.add_argument("--wandb_project", default="eagrl", help="the W&B project of the run")
+
+    def instantiate_classes(self) -> None:
+        self._instantiate()
+        if self.subcommand in (None, "summary") or self.trainer is None:
+            return
+        config = self.config[self.subcommand]
+        mode = config.get("wandb", "offline")
+        if mode == "off" or os.environ.get("WANDB_MODE") == "disabled":
+            return
+        from lightning.pytorch.loggers import WandbLogger
+
+        root = Path(self.trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        logger = WandbLogger(
+            project=config.get("wandb_project", "eagrl"), name=root.name, save_dir=str(root), offline=mode == "offline", log_model=False
+        )
+        logger.log_hyperparams({"config": _plain(config)})  # a plain dict, not a Namespace
+        self.trainer.loggers = [*self.trainer.loggers, logger]
+
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("parser_mode", "omegaconf+")
         kwargs.setdefault("allow_abbrev", False)  # `--trainer.max_epoch` is a typo, not `--trainer.max_epochs`
@@ -164,7 +203,7 @@ class EAGRLCLI(LightningCLI):
         self._subcommand_method_arguments["summary"] = []
         parser._subcommands_action.add_subcommand("summary", summary, help=SUMMARY_HELP)
 
-    def instantiate_classes(self) -> None:
+    def _instantiate(self) -> None:
         if self.subcommand != "summary":
             super().instantiate_classes()
             return

@@ -207,3 +207,16 @@ def test_eval_patients_is_a_balanced_test_subset(session_cache):
     seen = [i for batch in dm.test_dataloader() for i in batch["index"].tolist()]
     assert seen == sorted(seen) and len(seen) == 8 and all(s == "test" for b in dm.test_dataloader() for s in b["split"])
     assert int(dm.datasets["test"].labels[seen].sum()) == 4
+
+
+def test_shuffle_fraction_permutes_the_tensor_columns_like_the_text(session_cache, tjh_module):
+    from datamodules import EHRDataModule
+
+    dm = EHRDataModule(dataset="tjh", cache_dir=str(session_cache), progress=False, shuffle_fraction=1.0)
+    dm.setup()
+    plain, shuffled = tjh_module.datasets["test"][0], dm.datasets["test"][0]
+    d = dm.datasets["test"].n_demographic
+    assert np.array_equal(plain["x"][:, :d], shuffled["x"][:, :d])  # demographics stay
+    assert not np.array_equal(plain["x"], shuffled["x"])
+    assert np.array_equal(np.sort(plain["x"], axis=1), np.sort(shuffled["x"], axis=1))  # a permutation of columns
+    assert np.array_equal(plain["raw"], shuffled["raw"], equal_nan=True)  # the text path shuffles its own lines

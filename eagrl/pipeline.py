@@ -1,0 +1,282 @@
+"""The whole EAG-RL pipeline in one command (what ``make reproduce`` runs), stage by stage.
+
+    python -m eagrl.pipeline [--profile cpu|paper|smoke] [--runs runs] [--results results] [--model PATH]
+
+Every stage is one ``python -m eagrl`` command (the same CLI a user runs) whose run directory lies at a
+known path under ``--runs``; the next stages read its outputs from there. A stage whose outputs are newer
+than its inputs and configs is skipped, so rerunning the command after an interruption resumes at the
+first unfinished stage. In order, per dataset (TJH mortality, MIMIC-IV mortality, MIMIC-IV readmission):
+
+ 1. ``concare``      the expert (fit, then test) -> ``expert_attention.jsonl``            (~1 min each on CPU)
+ 2. ``prompting_*``  Vanilla, Think-then-Answer and Question Decomposition on the test patients (test)
+ 3. ``distill``      stage 1's MCTS over the train/val patients (predict) -> ``trajectories.jsonl``
+ 4. ``sft``          LoRA SFT on them, then the test patients (fit) -> ``model/merged``
+ 5. ``rl_grpo``, ``rl_dapo``, ``rl``   GRPO, DAPO and EAG-RL from the SFT model, then the test patients (fit)
+
+then, on TJH, the ablations (``rl_no_stage1`` from the base model, ``rl_no_att``, ``rl_no_entropy``; "without
+stage 2" is the SFT run), the robustness study (ConCare, the base LLM and EAG-RL re-tested with 20/40/60/100%
+of the feature order shuffled: ``robust/<method>_<percent>``), the cross-dataset study (the MIMIC-IV
+mortality models tested on TJH: ``cross/<method>``), and finally the report (``results/results.md``,
+``results.json`` and the plots; ``eagrl.evaluation.report``).
+
+Profiles: ``cpu`` (the default) runs the CPU configs of each stage with the small sizes of
+``configs/reproduce/<stage>.yaml`` on top (SmolLM2-135M, a few patients per evaluation); ``paper`` runs the
+``*_paper.yaml`` configs on a GPU with the 7B model given by ``--model`` (checked before any work);
+``smoke`` adds the tiny random model of ``configs/smoke/`` (the pipeline test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from eagrl.errors import EAGRLInputError
+from eagrl.paths import REPO_ROOT
+
+DATASETS = [  # (key, dataset folder, task override, run-name suffix)
+    ("tjh", "tjh", None, ""),
+    ("mimic_iv_mortality", "mimic_iv", "mortality", "_mortality"),
+    ("mimic_iv_readmission", "mimic_iv", "readmission", "_readmission"),
+]
+STYLES = ["vanilla", "think", "decomposition"]
+RL_VARIANTS = {"rl_grpo": "configs/rl/grpo.yaml", "rl_dapo": "configs/rl/dapo.yaml", "rl": None}
+ABLATIONS = {"rl_no_att": "configs/rl/no_attention_reward.yaml", "rl_no_entropy": "configs/rl/no_entropy_clip.yaml", "rl_no_stage1": None}
+SHUFFLED = [20, 40, 60, 100]
+
+
+@dataclass
+class Stage:
+    """One CLI command with the files it reads and the files that say it is done."""
+
+    name: str
+    args: list[str]
+    outputs: list[Path]
+    inputs: list[Path] = field(default_factory=list)
+    configs: list[Path] = field(default_factory=list)
+
+    def done(self) -> bool:
+        if not all(p.exists() for p in self.outputs):
+            return False
+        newest_input = max((p.stat().st_mtime for p in self.inputs + self.configs if p.exists()), default=0.0)
+        return min(p.stat().st_mtime for p in self.outputs) >= newest_input
+
+
+class Plan:
+    """The ordered stages of a profile (see the module docstring)."""
+
+    def __init__(self, profile: str, runs: Path, model: Optional[str] = None):
+        self.profile, self.runs, self.model = profile, runs, model
+        self.stages: list[Stage] = []
+        self.producer: dict[Path, str] = {}
+        for key, folder, task, suffix in DATASETS:
+            self._dataset(key, folder, task, suffix)
+        self._ablations()
+        self._robustness()
+        self._cross_dataset()
+
+    # -------------------------------------------------------------------------------- helpers
+    def _config(self, folder: str, stage: str) -> list[str]:
+        """``--config`` arguments of a stage: its dataset config, then the profile's overlays."""
+        paper = self.profile == "paper" and (REPO_ROOT / f"configs/{folder}/{stage}_paper.yaml").is_file()
+        files = [f"configs/{folder}/{stage}_paper.yaml" if paper else f"configs/{folder}/{stage}.yaml"]
+        kind = stage.split("_")[0] if not stage.startswith("concare") else "concare"
+        if self.profile in ("cpu", "smoke") and (REPO_ROOT / f"configs/reproduce/{kind}.yaml").is_file():
+            files.append(f"configs/reproduce/{kind}.yaml")
+        if self.profile == "smoke":
+            files.append(f"configs/smoke/{kind}.yaml")
+        return [a for f in files for a in ("--config", f)]
+
+    def _llm(self) -> list[str]:
+        """The base LLM: the embedded SmolLM2 (cpu), the user's model (paper) or the tiny one (smoke overlays)."""
+        if self.profile == "paper":
+            return ["--model.init_args.backbone.name", str(self.model)]
+        return []
+
+    def _add(self, name: str, args: list[str], outputs: list[Path], inputs: list[Path]) -> None:
+        configs = [REPO_ROOT / a for a in args[1:] if a.endswith(".yaml")]
+        self.stages.append(Stage(name, args, outputs, inputs, configs))
+        for path in outputs:
+            self.producer[path] = name
+
+    def _dataset(self, key: str, folder: str, task: Optional[str], suffix: str) -> None:
+        runs = self.runs / folder
+        task_args = ["--data.init_args.task", task] if task else []
+        concare = runs / f"concare{suffix}"
+        concare_config = "concare" if folder == "tjh" else f"concare_{task}"
+        expert = concare / "expert_attention.jsonl"
+        self._add(
+            f"{key}/concare",
+            ["fit", *self._config(folder, concare_config), "--trainer.default_root_dir", str(concare)],
+            [expert, concare / "metrics.json"], [],
+        )  # fmt: skip
+        for style in STYLES:
+            run = runs / f"prompting_{style}{suffix}"
+            self._add(
+                f"{key}/prompting_{style}",
+                ["test", *self._config(folder, f"prompting_{style}"), *task_args, *self._llm(),
+                 "--model.init_args.expert_attention", str(expert), "--trainer.default_root_dir", str(run)],
+                [run / "metrics.json"], [expert],
+            )  # fmt: skip
+        distill, sft = runs / f"distill{suffix}", runs / f"sft{suffix}"
+        trajectories = distill / "trajectories.jsonl"
+        self._add(
+            f"{key}/distill",
+            ["predict", *self._config(folder, "distill"), *task_args, *self._llm(),
+             "--model.init_args.expert_attention", str(expert), "--trainer.default_root_dir", str(distill)],
+            [trajectories], [expert],
+        )  # fmt: skip
+        merged = sft / "model" / "merged"
+        self._add(
+            f"{key}/sft",
+            ["fit", *self._config(folder, "sft"), *task_args, *self._llm(), "--data.init_args.trajectories", str(trajectories),
+             "--model.init_args.expert_attention", str(expert), "--trainer.default_root_dir", str(sft)],
+            [sft / "metrics.json", merged / "config.json"], [trajectories, expert],
+        )  # fmt: skip
+        for name, overlay in RL_VARIANTS.items():
+            self._rl(key, folder, suffix, task_args, name, overlay, str(merged), [merged / "config.json"], expert)
+
+    def _rl(self, key, folder, suffix, task_args, name, overlay, start: str, start_files, expert) -> None:
+        run = self.runs / folder / f"{name}{suffix}"
+        extra = ["--config", overlay] if overlay else []
+        config = self._config(folder, "rl")
+        self._add(
+            f"{key}/{name}",
+            ["fit", *config, *extra, *task_args, "--model.init_args.backbone.name", start,
+             "--model.init_args.expert_attention", str(expert), "--trainer.default_root_dir", str(run)],
+            [run / "metrics.json", run / "model" / "merged" / "config.json"], [*start_files, expert],
+        )  # fmt: skip
+
+    def _ablations(self) -> None:
+        expert = self.runs / "tjh" / "concare" / "expert_attention.jsonl"
+        merged = self.runs / "tjh" / "sft" / "model" / "merged"
+        for name, overlay in ABLATIONS.items():
+            if name == "rl_no_stage1":  # RL straight from the base model
+                base = self.model if self.profile == "paper" else ("tiny-random-llama" if self.profile == "smoke" else "embedded:smollm2-135m-instruct")
+                self._rl("tjh", "tjh", "", [], name, None, str(base), [], expert)
+            else:
+                self._rl("tjh", "tjh", "", [], name, overlay, str(merged), [merged / "config.json"], expert)
+
+    def _test_with(self, name: str, folder: str, config_stage: str, backbone: Optional[str], inputs: list[Path], run: Path, extra: list[str]) -> None:
+        model = ["--model.init_args.backbone.name", backbone] if backbone else self._llm()
+        self._add(name, ["test", *self._config(folder, config_stage), *model, *extra, "--trainer.default_root_dir", str(run)], [run / "metrics.json"], inputs)
+
+    def _robustness(self) -> None:
+        runs = self.runs / "tjh"
+        expert = runs / "concare" / "expert_attention.jsonl"
+        best = runs / "concare" / "checkpoints" / "best.ckpt"
+        for percent in SHUFFLED:
+            shuffle = ["--data.init_args.shuffle_fraction", str(percent / 100)]
+            run = runs / "robust" / f"concare_{percent}"
+            self._add(
+                f"tjh/robust/concare_{percent}",
+                ["test", *self._config("tjh", "concare"), "--ckpt_path", str(best), *shuffle, "--trainer.default_root_dir", str(run)],
+                [run / "metrics.json"], [best],
+            )  # fmt: skip
+            with_expert = [*shuffle, "--model.init_args.expert_attention", str(expert)]
+            self._test_with(f"tjh/robust/prompting_decomposition_{percent}", "tjh", "prompting_decomposition", None, [expert],
+                            runs / "robust" / f"prompting_decomposition_{percent}", with_expert)  # fmt: skip
+            merged = runs / "rl" / "model" / "merged"
+            self._test_with(f"tjh/robust/rl_{percent}", "tjh", "prompting_decomposition", str(merged), [merged / "config.json", expert],
+                            runs / "robust" / f"rl_{percent}", with_expert)  # fmt: skip
+
+    def _cross_dataset(self) -> None:
+        expert = self.runs / "tjh" / "concare" / "expert_attention.jsonl"
+        for name in ("prompting_decomposition", "sft", "rl"):
+            merged = self.runs / "mimic_iv" / f"{name}_mortality" / "model" / "merged"
+            backbone = None if name.startswith("prompting") else str(merged)
+            inputs = [expert] if backbone is None else [merged / "config.json", expert]
+            self._test_with(f"cross/{name}", "tjh", "prompting_decomposition", backbone, inputs, self.runs / "cross" / name,
+                            ["--model.init_args.expert_attention", str(expert)])  # fmt: skip
+
+
+def check_profile(profile: str, model: Optional[str]) -> None:
+    """``paper`` needs a CUDA GPU and the model's weights: stop before any work otherwise."""
+    if profile != "paper":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EAGRLInputError("PROFILE=paper needs a CUDA GPU (a 7B model); use PROFILE=cpu on this machine")
+    if not model:
+        raise EAGRLInputError("PROFILE=paper needs the model: make reproduce PROFILE=paper MODEL=/path/to/Qwen2.5-7B-Instruct")
+    if not Path(model).expanduser().is_dir():
+        raise EAGRLInputError(f"MODEL={model} is not a folder with the model's weights (config.json, *.safetensors)")
+
+
+def run(plan: Plan, in_process: bool = False, only: Optional[str] = None) -> list[str]:
+    """Run the plan's stages in order, skipping finished ones; returns the names of the stages run."""
+    ran = []
+    stages = [s for s in plan.stages if only is None or s.name.startswith(only)]
+    started = time.perf_counter()
+    for k, stage in enumerate(stages, start=1):
+        prefix = f"[{k}/{len(stages)}] {stage.name}"
+        if stage.done():
+            print(f"{prefix}: up to date, skipped", flush=True)
+            continue
+        missing = [p for p in stage.inputs if not p.exists()]
+        if missing:
+            made_by = plan.producer.get(missing[0], "an earlier stage")
+            raise EAGRLInputError(
+                f"stage {stage.name} needs {missing[0]}, which stage {made_by} makes: run it first "
+                f"(python -m eagrl.pipeline --profile {plan.profile} --runs {plan.runs} --only {made_by})"
+            )
+        command = [sys.executable, "-m", "eagrl", *stage.args]
+        print(f"{prefix}: {shlex.join(['python', '-m', 'eagrl', *stage.args])}", flush=True)
+        begin = time.perf_counter()
+        if in_process:
+            _run_in_process(stage)
+        else:
+            done = subprocess.run(command, cwd=REPO_ROOT)
+            if done.returncode != 0:
+                raise SystemExit(f"error: stage {stage.name} failed (exit {done.returncode}); fix it and rerun the same command to resume")
+        ran.append(stage.name)
+        print(f"{prefix}: done in {time.perf_counter() - begin:.0f} s ({(time.perf_counter() - started) / 60:.1f} min so far)", flush=True)
+    return ran
+
+
+def _run_in_process(stage: Stage) -> None:
+    from eagrl.cli import main
+
+    try:
+        main(list(stage.args))
+    except SystemExit as stop:
+        if stop.code:
+            raise SystemExit(f"error: stage {stage.name} failed (exit {stop.code})") from None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    parser.add_argument("--profile", choices=["cpu", "paper", "smoke"], default=os.environ.get("PROFILE", "cpu"))
+    parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the run directories go")
+    parser.add_argument("--results", type=Path, default=Path("results"), help="where results.md/json and the plots go")
+    parser.add_argument("--model", default=os.environ.get("MODEL"), help="PROFILE=paper: the 7B model's folder")
+    parser.add_argument("--only", default=None, help="run only the stages whose name starts with this (e.g. tjh/sft)")
+    parser.add_argument("--list", action="store_true", help="print the stages and whether each is up to date")
+    parser.add_argument("--in-process", action="store_true", help="run stages in this process (tests)")
+    args = parser.parse_args(argv)
+    try:
+        check_profile(args.profile, args.model)
+        plan = Plan(args.profile, args.runs.resolve() if args.runs.is_absolute() else args.runs, args.model)
+        if args.list:
+            for stage in plan.stages:
+                print(f"{'done ' if stage.done() else 'to do'}  {stage.name}")
+            return
+        run(plan, in_process=args.in_process, only=args.only)
+    except EAGRLInputError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.only is None:
+        from eagrl.evaluation.report import build
+
+        results = build(args.runs, args.results)
+        print(f"wrote {args.results / 'results.md'}, {args.results / 'results.json'} and {len(results['plots'])} plots")
+
+
+if __name__ == "__main__":
+    main()
