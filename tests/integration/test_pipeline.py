@@ -17,6 +17,7 @@ from eagrl.pipeline import Plan, main
 @pytest.mark.slow
 def test_whole_pipeline_with_a_tiny_model(tmp_path, session_cache, monkeypatch, capsys):
     monkeypatch.setenv("EAGRL_CACHE_DIR", str(session_cache))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the RL loss on its PyTorch path (the kernel has its own tests)
     monkeypatch.setattr("sys.argv", ["python -m eagrl"])
     runs, results = tmp_path / "runs", tmp_path / "results"
     main(["--profile", "smoke", "--runs", str(runs), "--results", str(results), "--in-process"])
