@@ -7,17 +7,20 @@ known path under ``--runs``; the next stages read its outputs from there. A stag
 than its inputs and configs is skipped, so rerunning the command after an interruption resumes at the
 first unfinished stage. In order, per dataset (TJH mortality, MIMIC-IV mortality, MIMIC-IV readmission):
 
- 1. ``concare``      the expert (fit, then test) -> ``expert_attention.jsonl``            (~1 min each on CPU)
- 2. ``prompting_*``  Vanilla, Think-then-Answer and Question Decomposition on the test patients (test)
- 3. ``distill``      stage 1's MCTS over the train/val patients (predict) -> ``trajectories.jsonl``
- 4. ``sft``          LoRA SFT on them, then the test patients (fit) -> ``model/merged``
+ 1. ``concare``      the expert (fit, then test) -> ``expert_attention.jsonl``      (CPU: ~1 min TJH, ~15 s MIMIC)
+ 2. ``prompting_*``  Vanilla, Think-then-Answer, Question Decomposition on the test patients -> ``metrics.json``,
+                     ``generations.jsonl``                                      (CPU: ~1-2 min TJH, ~20 s MIMIC)
+ 3. ``distill``      stage 1's MCTS over train patients (predict) -> ``trajectories.jsonl``   (CPU: ~2 min / ~40 s)
+ 4. ``sft``          LoRA SFT on them, then the test patients (fit) -> ``model/merged``      (CPU: ~3 min / ~45 s)
  5. ``rl_grpo``, ``rl_dapo``, ``rl``   GRPO, DAPO and EAG-RL from the SFT model, then the test patients (fit)
+                     -> ``model/merged``, ``metrics.json``, RL curves in ``logs/``          (CPU: ~2 min / ~55 s each)
 
 then, on TJH, the ablations (``rl_no_stage1`` from the base model, ``rl_no_att``, ``rl_no_entropy``; "without
-stage 2" is the SFT run), the robustness study (ConCare, the base LLM and EAG-RL re-tested with 20/40/60/100%
-of the feature order shuffled: ``robust/<method>_<percent>``), the cross-dataset study (the MIMIC-IV
-mortality models tested on TJH: ``cross/<method>``), and finally the report (``results/results.md``,
-``results.json`` and the plots; ``eagrl.evaluation.report``).
+stage 2" is the SFT run; ~2 min each), the robustness study (ConCare, the base LLM and EAG-RL re-tested with
+20/40/60/100% of the feature order shuffled: ``robust/<method>_<percent>``; ~10 s / ~50 s each), the
+cross-dataset study (the MIMIC-IV mortality models tested on TJH: ``cross/<method>``; ~50 s each), and
+finally the report (``results/results.md``, ``results.json`` and the plots; ``eagrl.evaluation.report``).
+Measured on 2 CPU cores: the whole CPU profile in 56.7 min (an upper bound: see the README).
 
 Profiles: ``cpu`` (the default) runs the CPU configs of each stage with the small sizes of
 ``configs/reproduce/<stage>.yaml`` on top (SmolLM2-135M, a few patients per evaluation); ``paper`` runs the
