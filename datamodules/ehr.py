@@ -256,11 +256,13 @@ class EHRDataModule(L.LightningDataModule):
             self.datasets[split] = EHRDataset(self.cohort, split, self.task, self.text_options)
 
     # ------------------------------------------------------------------------------------ loaders
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, size: Optional[int] = None) -> DataLoader:
+        """The loader of ``split``; with ``size``, of its balanced seeded subset of that many patients."""
         if split not in self.datasets:
             self.setup()
+        data = self.datasets[split] if size is None else Subset(self.datasets[split], self.subset(split, size))
         return DataLoader(
-            self.datasets[split],
+            data,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
@@ -287,20 +289,14 @@ class EHRDataModule(L.LightningDataModule):
         """Positions in the train split of the ``train_patients`` subset."""
         return self.subset("train", self.hparams.train_patients)
 
-    def _subset_loader(self, split: str, size: Optional[int], shuffle: bool) -> DataLoader:
-        if size is None:
-            return self._loader(split, shuffle=shuffle)
-        subset = Subset(self.datasets[split], self.subset(split, size))
-        return DataLoader(subset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=collate_samples)
-
     def train_dataloader(self) -> DataLoader:
-        return self._subset_loader("train", self.hparams.train_patients, shuffle=True)
+        return self._loader("train", shuffle=True, size=self.hparams.train_patients)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._subset_loader("test", self.hparams.eval_patients, shuffle=False)
+        return self._loader("test", shuffle=False, size=self.hparams.eval_patients)
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         loaders = [self._loader(split, shuffle=False) for split in self.hparams.predict_splits]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from torch.utils.data import DataLoader
 
@@ -102,4 +102,4 @@ class TrajectoryDataModule(EHRDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per ``eval_splits`` split; ``eval_patients`` (a balanced seeded subset) applies to each."""
-        return [self._subset_loader(s, self.hparams.eval_patients, shuffle=False) for s in self.hparams.eval_splits]
+        return [self._loader(s, shuffle=False, size=self.hparams.eval_patients) for s in self.hparams.eval_splits]

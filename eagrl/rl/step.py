@@ -109,13 +109,14 @@ def optimise(
         old = [logp for logp, _ in scored]
         eps_high = clip_bounds(rollout, [h for _, h in scored], config)
     reference = score(model, rollout, config, reference=True) if config.kl_coef > 0 else [None] * n_prompts
+    per_prompt = [_group_tensors(rollout, p, device) for p in range(n_prompts)]  # the same every pass
     model.train()
     sums: dict[str, float] = {}
     entropy_sum = key_entropy_sum = key_tokens = 0.0
     norm = torch.tensor(0.0)
     for epoch in range(config.ppo_epochs):
         for p in range(n_prompts):
-            tensors = _group_tensors(rollout, p, device)
+            tensors = per_prompt[p]
             logits, ids = _logits(model, rollout, p)  # [N_p, V], [N_p]
             n = ids.shape[0]
             if eps_high is None:  # one prompt with ε(τ): from this forward's entropies
