@@ -17,6 +17,7 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Subset, Dataset
 
+from datamodules.sampling import make_loader
 from eagrl.data import mimic_iv, tjh
 from eagrl.data.cohort import SPLITS, PreparedCohort
 from eagrl.data.features import DATASET_TASKS
@@ -261,14 +262,7 @@ class EHRDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.setup()
         data = self.datasets[split] if size is None else Subset(self.datasets[split], self.subset(split, size))
-        return DataLoader(
-            data,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate_samples,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(data, self.batch_size, shuffle, collate_samples, self.num_workers)
 
     def subset(self, split: str, size: int) -> list[int]:
         """Positions in ``split`` of a seeded subset of ``size`` patients (seed ``split_seed``), half of

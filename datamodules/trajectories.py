@@ -17,6 +17,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from datamodules.ehr import EHRDataModule
+from datamodules.sampling import make_loader
 from eagrl.errors import EAGRLInputError
 from eagrl.mcts.selection import balance_patients
 
@@ -93,12 +94,12 @@ class TrajectoryDataModule(EHRDataModule):
             raise EAGRLInputError(f"{self.trajectories_path} holds no train trajectories to fine-tune on")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.examples["train"], batch_size=self.batch_size, shuffle=True, collate_fn=collate_examples)
+        return make_loader(self.examples["train"], self.batch_size, True, collate_examples)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.examples.get("val"):
             return []
-        return DataLoader(self.examples["val"], batch_size=self.batch_size, shuffle=False, collate_fn=collate_examples)
+        return make_loader(self.examples["val"], self.batch_size, False, collate_examples)
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per ``eval_splits`` split; ``eval_patients`` (a balanced seeded subset) applies to each."""

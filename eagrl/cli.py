@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from eagrl.errors import EAGRLInputError
-from eagrl.io import write_json_atomic, write_text_atomic
+from eagrl.io import check_checkpoint, write_json_atomic, write_text_atomic
 from eagrl.paths import REPO_ROOT
 
 # "omegaconf+" resolves ${...} after every config file and command-line value is merged, so
@@ -72,11 +72,39 @@ class EAGRLArgumentParser(LightningArgumentParser):
 
 
 class SaveRunBundle(SaveConfigCallback):
-    """Write the resolved ``config.yaml`` and ``run_info.json`` into ``trainer.default_root_dir``."""
+    """Write the resolved ``config.yaml`` and ``run_info.json`` into ``trainer.default_root_dir``.
+
+    They are written when the stage starts, after the data, the model and the expert file were read: a
+    run that stops on bad input leaves an earlier run's files in that directory as they were.
+    """
 
     def __init__(self, parser: LightningArgumentParser, config: Any, **kwargs: Any):
         kwargs.update(overwrite=True, save_to_log_dir=False)
         super().__init__(parser, config, **kwargs)
+        self._stage: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.already_saved:
+            self._stage = stage
+
+    def _save_once(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.already_saved or self._stage is None:
+            return
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, self._stage)
+        self.already_saved = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_once(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_once(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_once(trainer, pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_once(trainer, pl_module)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         root = Path(trainer.default_root_dir)
@@ -128,6 +156,52 @@ class MetricsJsonWriter(L.Callback):
         self._write(trainer)
 
 
+class RandomState(L.Callback):
+    """Keep the torch, CUDA, numpy and Python random states in every checkpoint and restore them on resume.
+
+    A run resumed from an epoch-end checkpoint then draws the same shuffles, dropout masks and samples
+    as the run that was not interrupted. Stored as tensors and plain values, so a checkpoint still loads
+    with ``torch.load(weights_only=True)``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        import numpy as np
+
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), gauss_next],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import random
+
+        import numpy as np
+
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        kind, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+
+def _checkpoints_to_resume(trainer: L.Trainer, ckpt_path: str) -> list[Path]:
+    """The files ``ckpt_path`` may load: a path, or for ``last`` every ``last*.ckpt`` of the checkpoint folders."""
+    if ckpt_path in ("best", "hpc", "registry") or ckpt_path.startswith("registry:"):
+        return []  # Lightning resolves these (best: a checkpoint this process just wrote)
+    if ckpt_path == "last":
+        folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+        return sorted(p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt"))
+    return [Path(ckpt_path).expanduser()]
+
+
 def _plain(value: Any) -> Any:
     """A jsonargparse Namespace (or anything nested in one) as plain dicts, lists and scalars."""
     if hasattr(value, "as_dict"):
@@ -149,7 +223,7 @@ class EAGRLCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=SaveRunBundle,
-            trainer_defaults={"callbacks": [MetricsJsonWriter()]},
+            trainer_defaults={"callbacks": [MetricsJsonWriter(), RandomState()]},
             seed_everything_default=42,
             auto_configure_optimizers=False,
             args=args,
@@ -222,10 +296,21 @@ class EAGRLCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if any(action.dest == "weights_only" for action in parser._actions):
+            # checkpoints hold tensors and plain values only: never unpickle code from a checkpoint file
+            parser.set_defaults(weights_only=True)
+        return parser
+
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "summary":
             print(json.dumps(self.datamodule.summary()))
             return
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        if ckpt_path:  # a truncated or damaged checkpoint is reported, never half-loaded
+            for path in _checkpoints_to_resume(self.trainer, str(ckpt_path)):
+                check_checkpoint(path)
         super()._run_subcommand(subcommand)
 
 

@@ -52,3 +52,55 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """Return ``path`` if it is a complete ``torch.save`` archive; else raise one clear error.
+
+    Every member's CRC is checked, so a checkpoint cut short by a kill or a full disk is reported
+    instead of half-loaded.
+    """
+    import zipfile
+
+    from eagrl.errors import EAGRLInputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise EAGRLInputError(f"checkpoint {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        damaged = str(err) or type(err).__name__
+    if damaged is not None:
+        raise EAGRLInputError(
+            f"checkpoint {path} is truncated or damaged ({damaged}): it was not loaded. Delete it to start over, "
+            "or pass another --ckpt_path (checkpoints are written under a temporary name and renamed, so an "
+            "interrupted save leaves the previous one intact)"
+        )
+    return path
+
+
+def check_safetensors(path: str | os.PathLike, what: str) -> Path:
+    """Return ``path`` if its safetensors header is readable and the file holds every tensor it lists."""
+    import struct
+
+    from eagrl.errors import EAGRLInputError
+
+    path = Path(path)
+    problem = None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                raise ValueError(f"header of {length} bytes in a file of {size}")
+            header = json.loads(handle.read(length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        if 8 + length + max(ends, default=0) > size:
+            problem = f"{size} bytes, its header lists {8 + length + max(ends)}"
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as err:
+        problem = str(err) or type(err).__name__
+    if problem is not None:
+        raise EAGRLInputError(f"{what}: {path} is not a complete safetensors file ({problem})")
+    return path

@@ -24,21 +24,19 @@ policy uses the same model with its LoRA adapter disabled (no second copy).
 Logged per step (``train/``): reward, r_cls, r_att, parse_rate, entropy, key_entropy, eps_high,
 clip_low, clip_high, ratio, kl, completion_length, groups_kept, loss, grad_norm, step_time (seconds).
 After fit, with ``test_after_fit``, the trained policy answers the test patients (``test/auroc``, ...).
-Checkpoints hold the LoRA weights, the optimiser and the random-number state (``--ckpt_path last``
+Checkpoints hold the LoRA weights, the optimiser and (the CLI's ``RandomState`` callback) the random state (``--ckpt_path last``
 resumes); the end of fit writes ``model/adapter`` and ``model/merged``.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
@@ -280,26 +278,3 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         size = len(batch["id"])
         self.log_dict({f"train/{k}": float(v) for k, v in logged.items()}, on_step=True, on_epoch=False, batch_size=size)
         self.log("train/reward_epoch", logged["reward"], on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
-
-    # ------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        kind, keys, position, has_gauss, gauss = np.random.get_state()
-        checkpoint["rng_state"] = {  # tensors and plain values only: checkpoints load with weights_only=True
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
-            "python": random.getstate(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("rng_state")
-        if state is None:
-            return
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        kind, keys, position, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-        version, internal, gauss_next = state["python"]
-        random.setstate((version, tuple(internal), gauss_next))
