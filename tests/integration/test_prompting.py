@@ -62,24 +62,6 @@ def test_a_long_prompt_drops_the_oldest_visits_or_stops(tmp_path, session_cache,
     assert "over the 2592 left for the prompt" in refused.stderr and "truncate_visits" in refused.stderr
 
 
-def test_an_expert_file_of_another_dataset_is_refused(tmp_path, session_cache, model_cache, tjh_expert):
-    result = _prompting(
-        "configs/mimic_iv/prompting_vanilla.yaml", tmp_path, session_cache, model_cache, "--model.init_args.expert_attention", str(tjh_expert)
-    )
-    assert result.returncode == 2
-    assert "not in this dataset" in result.stderr
-
-
-def test_a_missing_model_folder_is_one_clear_error(tmp_path, session_cache, model_cache, tjh_expert):
-    result = _prompting(
-        "configs/tjh/prompting_vanilla.yaml", tmp_path, session_cache, model_cache,
-        "--model.init_args.expert_attention", str(tjh_expert), "--model.init_args.backbone.name", str(tmp_path / "no-model"),
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert "is not a model directory" in result.stderr and "offline" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
 @pytest.fixture(scope="module")
 def real_model_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("real-models")
