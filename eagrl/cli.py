@@ -202,6 +202,20 @@ def _checkpoints_to_resume(trainer: L.Trainer, ckpt_path: str) -> list[Path]:
     return [Path(ckpt_path).expanduser()]
 
 
+def _check_weights_only(path: Path) -> None:
+    """Refuse a checkpoint that holds anything but tensors and plain values (unpickling it could run code)."""
+    import pickle
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EAGRLInputError(
+            f"checkpoint {path} holds objects other than tensors and plain values, so it was not loaded "
+            f"(torch.load(weights_only=True): {first}). Pass --weights_only false only for a file you trust"
+        ) from None
+
+
 def _plain(value: Any) -> Any:
     """A jsonargparse Namespace (or anything nested in one) as plain dicts, lists and scalars."""
     if hasattr(value, "as_dict"):
@@ -303,14 +317,26 @@ class EAGRLCLI(LightningCLI):
             parser.set_defaults(weights_only=True)
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads a checkpoint file's hyperparameters while parsing: check the file first."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint(ckpt_path)
+            _check_weights_only(Path(ckpt_path))  # LightningCLI reads it with weights_only=True whatever is set
+        super()._parse_ckpt_path()
+
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "summary":
             print(json.dumps(self.datamodule.summary()))
             return
         ckpt_path = self.config_init[subcommand].get("ckpt_path")
-        if ckpt_path:  # a truncated or damaged checkpoint is reported, never half-loaded
+        if ckpt_path:  # a truncated, damaged or code-carrying checkpoint is reported, never half-loaded
+            safe = self.config_init[subcommand].get("weights_only") is not False
             for path in _checkpoints_to_resume(self.trainer, str(ckpt_path)):
                 check_checkpoint(path)
+                if safe:
+                    _check_weights_only(path)
         super()._run_subcommand(subcommand)
 
 

@@ -122,13 +122,15 @@ def test_concare_killed_twice_then_resumed_matches_the_uninterrupted_fit(concare
     assert_same_tensors(_last_weights(tmp_path), _last_weights(reference))
 
 
-def test_a_truncated_checkpoint_is_reported_not_loaded(concare_runs, tmp_path, session_cache):
+@pytest.mark.parametrize("how", ["last", "path"])
+def test_a_truncated_checkpoint_is_reported_not_loaded(concare_runs, tmp_path, session_cache, how):
     root = tmp_path / "run"
     (root / "checkpoints").mkdir(parents=True)
     data = (concare_runs["a"] / "checkpoints/last.ckpt").read_bytes()
     damaged = data[: len(data) // 2]
     (root / "checkpoints/last.ckpt").write_bytes(damaged)
-    result = run_cli(*CONCARE, "--trainer.default_root_dir", str(root), "--ckpt_path", "last", cache=session_cache)
+    ckpt_path = "last" if how == "last" else str(root / "checkpoints/last.ckpt")
+    result = run_cli(*CONCARE, "--trainer.default_root_dir", str(root), "--ckpt_path", ckpt_path, cache=session_cache)
     assert result.returncode == 2
     assert "last.ckpt is truncated or damaged" in result.stderr and "Traceback" not in result.stderr
     assert (root / "checkpoints/last.ckpt").read_bytes() == damaged  # left for the user, not overwritten

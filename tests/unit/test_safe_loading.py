@@ -1,0 +1,110 @@
+"""Safe loading: checkpoints load with ``torch.load(weights_only=True)`` (or from safetensors),
+``trust_remote_code`` stays off unless the user sets it, and no config value is ever run as code."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from eagrl.cli import main
+from tests.conftest import REPO
+
+SOURCES = sorted(p for d in ("eagrl", "lightning_modules", "datamodules", "benchmarks") for p in (REPO / d).rglob("*.py"))
+CONCARE = ["fit", "--config", "configs/tjh/concare.yaml", "--config", "configs/smoke/concare.yaml"]
+
+
+@pytest.fixture(autouse=True)
+def _in_process(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["python -m eagrl"])
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+
+
+def _calls(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Call):
+            yield node, ast.unparse(node.func)
+
+
+def test_every_torch_load_in_the_code_is_weights_only():
+    found = []
+    for path in SOURCES:
+        for call, name in _calls(path):
+            if name == "torch.load":
+                flags = {k.arg: k.value for k in call.keywords}
+                ok = isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True
+                found.append((path.name, call.lineno, ok))
+    assert found, "no torch.load found: the scan is broken"
+    assert all(ok for *_, ok in found), [f for f in found if not f[2]]
+
+
+def test_nothing_unpickles_evaluates_or_trusts_remote_code():
+    banned = {"eval", "exec", "pickle.load", "pickle.loads", "yaml.load", "yaml.unsafe_load", "marshal.loads", "compile"}
+    bad = []
+    for path in SOURCES:
+        for call, name in _calls(path):
+            if name in banned:
+                bad.append(f"{path.relative_to(REPO)}:{call.lineno} {name}")
+            for keyword in call.keywords:
+                if keyword.arg == "trust_remote_code" and not (isinstance(keyword.value, ast.Constant) and keyword.value.value is False):
+                    if "options.trust_remote_code" not in ast.unparse(keyword.value):
+                        bad.append(f"{path.relative_to(REPO)}:{call.lineno} trust_remote_code={ast.unparse(keyword.value)}")
+    assert not bad, bad
+    assert "register_new_resolver" not in "".join(p.read_text() for p in SOURCES)  # no custom OmegaConf resolvers
+
+
+def test_trust_remote_code_is_off_unless_set():
+    from eagrl.models.backbone import BackboneOptions, _pretrained_kwargs
+
+    assert BackboneOptions().trust_remote_code is False
+    assert _pretrained_kwargs(BackboneOptions(name="some/model"), torch.float32)["trust_remote_code"] is False
+    shipped = [p for p in (REPO / "configs").rglob("*.yaml") if "trust_remote_code: true" in p.read_text()]
+    assert not shipped
+
+
+def test_the_cli_loads_checkpoints_weights_only_by_default(capsys):
+    with pytest.raises(SystemExit):
+        main([*CONCARE, "--print_config"])
+    assert "weights_only: true" in capsys.readouterr().out
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
+def test_a_checkpoint_that_carries_code_is_refused_and_never_run(capsys, tmp_path):
+    payload = _RunsCode()
+    payload.target = str(tmp_path / "the-code-ran")
+    torch.save({"state_dict": {}, "payload": payload}, tmp_path / "evil.ckpt")
+    with pytest.raises(SystemExit) as stop:
+        main([*CONCARE, "--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path", str(tmp_path / "evil.ckpt")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "holds objects other than tensors and plain values" in err
+    assert not (tmp_path / "the-code-ran").exists()
+
+
+def test_a_yaml_tag_that_would_run_code_is_refused(capsys, tmp_path):
+    target = tmp_path / "the-code-ran"
+    text = (REPO / "configs/tjh/concare.yaml").read_text()
+    text = text.replace("    lr: 0.001", f"    lr: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{target}']]")
+    (tmp_path / "evil.yaml").write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(tmp_path / "evil.yaml"), "--print_config"])
+    assert stop.value.code == 2 and not target.exists()
+
+
+@pytest.mark.parametrize("value", ["${python:__import__('os').system('touch X')}", "__import__('os').system('touch X')"])
+def test_a_config_value_is_never_evaluated(capsys, tmp_path, value, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main([*CONCARE, "--trainer.default_root_dir", value, "--print_config"])
+    assert not (tmp_path / "X").exists()
+
+
+def test_a_class_path_outside_the_expected_base_class_is_refused(capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main([*CONCARE, "--model.class_path", "os.system", "--print_config"])
+    assert stop.value.code == 2
