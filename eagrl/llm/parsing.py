@@ -24,7 +24,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-TAG = re.compile(r"<\s*/?\s*([A-Za-z][A-Za-z ]*?)\s*>")
+TAG = re.compile(r"<\s*/?\s*([A-Za-z]+(?: +[A-Za-z]+)*)\s*>")  # linear: no run of spaces is tried two ways
 NUMBER = re.compile(r"(?<![\w.])([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)(?!\d|\.\d)\s*(%|percent\b)?", re.IGNORECASE)
 YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 

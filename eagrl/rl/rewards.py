@@ -68,7 +68,7 @@ def _probabilities(y_hat: Sequence[Optional[float]] | torch.Tensor) -> torch.Ten
     for value in y_hat:
         try:
             number = float(value) if value is not None else math.nan
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int or Fraction beyond float's range
             number = math.nan
         values.append(number)
     return torch.tensor(values, dtype=torch.float64)

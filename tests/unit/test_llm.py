@@ -233,7 +233,7 @@ def test_tiny_backbone_with_lora_trains_only_the_adapters(tmp_path, tokenizer):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (BackboneOptions(name="/nonexistent/model-dir"), "not a model directory.*offline"),
+        (BackboneOptions(name="/nonexistent/model-dir"), "does not exist.*offline"),
         (BackboneOptions(name="nobody-xyz/not-a-model-123"), "could not load 'nobody-xyz/not-a-model-123'.*offline"),
         (BackboneOptions(name="embedded:llama-70b"), "unknown embedded model"),
         (BackboneOptions(name="tiny-random-llama", quantization="nf4"), "needs a CUDA GPU"),
