@@ -17,7 +17,7 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Subset, Dataset
 
-from datamodules.sampling import make_loader
+from datamodules.sampling import BatchShard, make_loader
 from eagrl.data import mimic_iv, tjh
 from eagrl.data.cohort import SPLITS, PreparedCohort
 from eagrl.data.features import DATASET_TASKS
@@ -262,7 +262,10 @@ class EHRDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.setup()
         data = self.datasets[split] if size is None else Subset(self.datasets[split], self.subset(split, size))
-        return make_loader(data, self.batch_size, shuffle, collate_samples, self.num_workers)
+        return make_loader(data, self.batch_size, shuffle, collate_samples, self.num_workers, self._current_epoch)
+
+    def _current_epoch(self) -> int | None:
+        return self.trainer.current_epoch if self.trainer is not None else None
 
     def subset(self, split: str, size: int) -> list[int]:
         """Positions in ``split`` of a seeded subset of ``size`` patients (seed ``split_seed``), half of
@@ -293,8 +296,20 @@ class EHRDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False, size=self.hparams.eval_patients)
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
-        loaders = [self._loader(split, shuffle=False) for split in self.hparams.predict_splits]
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1 and not trainer._accelerator_connector.use_distributed_sampler:
+            loaders = [self._batch_shard(split, trainer.global_rank, trainer.world_size) for split in self.hparams.predict_splits]
+        else:
+            loaders = [self._loader(split, shuffle=False) for split in self.hparams.predict_splits]
         return loaders[0] if len(loaders) == 1 else loaders
+
+    def _batch_shard(self, split: str, rank: int, world: int) -> DataLoader:
+        """This rank's whole batches of ``split`` (``use_distributed_sampler: false``; see ``BatchShard``)."""
+        if split not in self.datasets:
+            self.setup()
+        data = self.datasets[split]
+        sampler = BatchShard(len(data), self.batch_size, rank, world)
+        return DataLoader(data, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate_samples)
 
     # ------------------------------------------------------------------------------------- extras
     @property

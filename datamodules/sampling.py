@@ -11,7 +11,7 @@ import os
 from typing import Any, Callable, Iterator, Sized
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 
 def run_seed() -> int:
@@ -19,34 +19,78 @@ def run_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
-class EpochShuffle(Sampler[int]):
-    """A permutation of ``range(n)`` drawn from ``(seed, epoch)`` alone."""
+class EpochShuffle(DistributedSampler):
+    """A permutation of ``range(n)`` drawn from ``(seed, epoch)`` alone; under several processes, rank r
+    takes its elements r, r + N, ... (padded, as ``DistributedSampler`` does, to equal shares).
 
-    def __init__(self, data: Sized, seed: int | None = None):
+    So N ranks' batch b hold together the batch b of one process with N times the batch size. It is a
+    ``DistributedSampler``, so Lightning does not wrap it in one of its own (which would shuffle again).
+    The epoch is ``epoch_of()`` when given and not None (the trainer's), else the last ``set_epoch``.
+    """
+
+    def __init__(self, data: Sized, seed: int | None = None, epoch_of: Callable[[], int | None] | None = None):
+        # DistributedSampler's own __init__ needs the process group: the ranks are read when iterating
         self.n = len(data)
-        self.seed = seed
+        self.seed_value = seed
         self.epoch = 0
+        self.epoch_of = epoch_of
+
+    @staticmethod
+    def _ranks() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        seed = run_seed() if self.seed is None else self.seed
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        seed = run_seed() if self.seed_value is None else self.seed_value
+        current = self.epoch_of() if self.epoch_of is not None else None
+        epoch = self.epoch if current is None else current
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        rank, world = self._ranks()
+        if world > 1:
+            order += order[: (-len(order)) % world]  # equal shares
+            order = order[rank::world]
+        return iter(order)
 
     def __len__(self) -> int:
-        return self.n
+        world = self._ranks()[1]
+        return -(-self.n // world)
 
 
-def make_loader(data: Any, batch_size: int, shuffle: bool, collate_fn: Callable, num_workers: int = 0) -> DataLoader:
-    """A DataLoader with a private generator (worker seeds) and, when shuffling, an ``EpochShuffle``."""
+def make_loader(
+    data: Any, batch_size: int, shuffle: bool, collate_fn: Callable, num_workers: int = 0, epoch_of: Callable[[], int | None] | None = None
+) -> DataLoader:
+    """A DataLoader with a private generator (worker seeds) and, when shuffling, an ``EpochShuffle``.
+
+    Under DDP Lightning gives rank r the samples r, r + N, ... of that order (without shuffling them
+    again), so N ranks of batch b see together the batch of N·b one process would see."""
     return DataLoader(
         data,
         batch_size=batch_size,
-        sampler=EpochShuffle(data) if shuffle else None,
+        sampler=EpochShuffle(data, epoch_of=epoch_of) if shuffle else None,
         num_workers=num_workers,
         collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(run_seed()),
     )
+
+
+class BatchShard(Sampler[list[int]]):
+    """Rank ``rank`` of ``world``'s share of the sequential batches of ``range(n)``: batches r, r + world, ...
+
+    Whole batches, not samples, are sharded, so every batch holds the patients it holds in one process
+    (distillation seeds each batch's search by its index: the merged output equals one process's).
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int):
+        self.batches = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)][rank::world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

@@ -202,6 +202,61 @@ def _checkpoints_to_resume(trainer: L.Trainer, ckpt_path: str) -> list[Path]:
     return [Path(ckpt_path).expanduser()]
 
 
+# Which stages run under which family of Lightning strategies (README: "Running on a cluster").
+STRATEGY_SUPPORT = {
+    "single": None,  # every stage
+    "ddp": None,  # every stage: ddp, ddp_spawn, ddp_fork, DDPStrategy(...)
+    "fsdp": ("SFTModule",),  # shards a large backbone under LoRA; RL sums its LoRA gradients itself (DDP only)
+}
+
+
+def _strategy_family(strategy: Any) -> str:
+    """``single``, ``ddp``, ``fsdp`` or the name given, from a strategy string or a class_path config."""
+    if strategy is None:
+        return "single"
+    name = getattr(strategy, "class_path", None) or (strategy.get("class_path") if isinstance(strategy, dict) else strategy)
+    name = str(name).rsplit(".", 1)[-1].lower().replace("strategy", "")
+    if name in ("auto", "single_device", "singledevice", "single_xla"):
+        return "single"
+    for family in ("fsdp", "ddp"):
+        if name.startswith(family):
+            return family
+    return name
+
+
+def check_scale_out(config: Any) -> None:
+    """Refuse, before any work, a strategy a stage does not support, QLoRA under FSDP, more CPU processes
+    than cores, and a fixed training subset that the world size does not divide."""
+    trainer, model, data = config.get("trainer"), config.get("model"), config.get("data")
+    stage = str(getattr(model, "class_path", "") or "").rsplit(".", 1)[-1]
+    family = _strategy_family(trainer.get("strategy"))
+    if family not in STRATEGY_SUPPORT or (STRATEGY_SUPPORT[family] is not None and stage not in STRATEGY_SUPPORT[family]):
+        supported = ", ".join(f for f, stages in STRATEGY_SUPPORT.items() if stages is None or stage in stages)
+        raise EAGRLInputError(f"trainer.strategy: {stage or 'this stage'} does not run under {family!r}; it supports: {supported}")
+    args = getattr(model, "init_args", None) or {}
+    backbone = args.get("backbone") if hasattr(args, "get") else None
+    if family == "fsdp" and backbone is not None and getattr(backbone, "quantization", None) == "nf4":
+        raise EAGRLInputError("model.backbone.quantization: nf4 (QLoRA) runs with DDP only, not FSDP: use strategy ddp, or quantization none")
+    if family == "fsdp" and hasattr(args, "get") and args.get("save_merged", True):
+        raise EAGRLInputError("model.save_merged: the merged export needs the whole backbone on one GPU; under FSDP set it false (configs/scale/sft_fsdp.yaml)")
+    devices, nodes = trainer.get("devices"), int(trainer.get("num_nodes") or 1)
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 1 and (accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())):
+        cores = os.cpu_count() or 1
+        if devices > cores:
+            raise EAGRLInputError(f"trainer.devices: {devices} processes asked for, this machine has {cores} CPU cores")
+    world = devices * nodes if isinstance(devices, int) and devices > 0 else None
+    data_args = getattr(data, "init_args", None) or {}
+    train_patients = data_args.get("train_patients") if hasattr(data_args, "get") else None
+    if world and world > 1 and train_patients and train_patients % world:
+        raise EAGRLInputError(
+            f"data.train_patients: {train_patients} patients do not split evenly over {world} processes "
+            f"(devices {devices} x num_nodes {nodes}); use a multiple of {world}"
+        )
+
+
 def _check_weights_only(path: Path) -> None:
     """Refuse a checkpoint that holds anything but tensors and plain values (unpickling it could run code)."""
     import pickle
@@ -257,6 +312,8 @@ class EAGRLCLI(LightningCLI):
         parser.add_argument("--wandb_project", default="eagrl", help="the W&B project of the run")
 
     def instantiate_classes(self) -> None:
+        if self.subcommand not in (None, "summary"):
+            check_scale_out(self.config[self.subcommand])  # before anything is built or launched
         self._instantiate()
         if self.subcommand in (None, "summary") or self.trainer is None:
             return
@@ -351,13 +408,25 @@ def _input_error(err: BaseException) -> EAGRLInputError | None:
     return None
 
 
+def _misconfiguration(err: BaseException) -> BaseException | None:
+    """Lightning's own refusal of a trainer setting (e.g. more GPUs than the machine has)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    while err is not None:
+        if isinstance(err, MisconfigurationException):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         EAGRLCLI(args=args)
     except Exception as err:
-        found = _input_error(err)
+        found = _input_error(err) or _misconfiguration(err)
         if found is None:
             raise
-        print(f"error: {found}", file=sys.stderr)
+        prefix = "trainer: " if not isinstance(found, EAGRLInputError) else ""
+        print(f"error: {prefix}{found}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -24,9 +24,17 @@ class AdapterCheckpointing:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_fit_end(self) -> None:
-        if not self.trainer.is_global_zero or self.trainer.interrupted:
+        if self.trainer.interrupted:
             return
         root = Path(self.trainer.default_root_dir) / "model"
+        if _sharded(self.trainer):  # FSDP: every rank takes part in gathering the adapter onto rank 0
+            state = self.trainer.strategy.lightning_module_state_dict()
+            if self.trainer.is_global_zero:
+                root.mkdir(parents=True, exist_ok=True)
+                save_folder(root / "adapter", lambda folder: _save_adapter(self.llm, state, folder))
+            return
+        if not self.trainer.is_global_zero:
+            return
         root.mkdir(parents=True, exist_ok=True)
         save_folder(root / "adapter", lambda folder: self.llm.save_pretrained(folder))
         if self.hparams.save_merged:
@@ -49,3 +57,23 @@ def save_folder(final: Path, write: Callable[[Path], None]) -> None:
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sharded(trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
+def _save_adapter(llm, state: dict[str, Any], folder: Path) -> None:
+    """A peft adapter folder from a gathered (FSDP) state dict: the LoRA weights under peft's names."""
+    from safetensors.torch import save_file
+
+    prefix = "llm.base_model.model."
+    weights = {
+        "base_model.model." + k[len(prefix):].replace(".default.", "."): v.detach().cpu().contiguous()
+        for k, v in state.items()
+        if k.startswith(prefix) and "lora_" in k
+    }
+    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    llm.peft_config["default"].save_pretrained(str(folder))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torchmetrics import CatMetric
 
+from eagrl.distributed import unique_in_order
 from eagrl.errors import EAGRLInputError
 from eagrl.evaluation import bootstrap_metrics
 from eagrl.models import ConCare
@@ -66,6 +67,8 @@ class ConCareModule(L.LightningModule):
             self._build(feature_names, n_demographic)
         self.probs = torch.nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
         self.labels = torch.nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
+        self.indices = torch.nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
+        self.losses = torch.nn.ModuleDict({s: CatMetric() for s in ("val", "test")})  # per sample, with its batch's DeCov
 
     def _build(self, feature_names: list[str], n_demographic: int) -> None:
         hp = self.hparams
@@ -125,22 +128,27 @@ class ConCareModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, out = self.model_step(batch)
         size = len(batch["label"])
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
-        self.log("train/bce", out["bce"], on_step=False, on_epoch=True, batch_size=size)
-        self.log("train/decov", out["decov"], on_step=False, on_epoch=True, batch_size=size)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("train/bce", out["bce"], on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        self.log("train/decov", out["decov"], on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         return loss
 
     def _eval_step(self, split: str, batch: dict[str, Any]) -> None:
-        loss, out = self.model_step(batch)
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["label"]))
+        _, out = self.model_step(batch)
+        bce = F.binary_cross_entropy_with_logits(out["logit"], batch["label"], reduction="none")
+        self.losses[split].update(bce + self.hparams.decov_weight * out["decov"])
         self.probs[split].update(torch.sigmoid(out["logit"]))
         self.labels[split].update(batch["label"])
+        self.indices[split].update(batch["index"].float())
 
     def _eval_epoch_end(self, split: str) -> None:
-        probs, labels = self.probs[split].compute(), self.labels[split].compute()  # gathered across ranks
-        self.probs[split].reset()
-        self.labels[split].reset()
+        kept = (self.indices, self.probs, self.labels, self.losses)
+        gathered = [metric[split].compute() for metric in kept]  # across ranks
+        _, probs, labels, losses = unique_in_order(*gathered)  # every sample once, in dataset order: as in one process
+        for metric in kept:
+            metric[split].reset()
         metrics = bootstrap_metrics(probs, labels, self.hparams.n_bootstrap, self.hparams.bootstrap_seed)
+        metrics["loss"] = float(losses.double().mean())
         self.log_dict({f"{split}/{k}": v for k, v in metrics.items()})
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -26,7 +26,7 @@ from eagrl.llm.parsing import FeatureMatcher
 from eagrl.mcts.policy import LLMPolicy, PolicySampling
 from eagrl.mcts.search import Patient, SearchConfig, search
 from eagrl.mcts.selection import SelectionConfig, select_trajectories
-from eagrl.mcts.store import TrajectoryStore
+from eagrl.mcts.store import TrajectoryStore, merge_stores
 from eagrl.models.backbone import BackboneOptions, context_length, load_backbone
 from eagrl.rl.rewards import RewardConfig
 from lightning_modules.prompting import PromptFitter
@@ -34,6 +34,11 @@ from lightning_modules.prompting import PromptFitter
 
 class TrajectoryWriter(BasePredictionWriter):
     """Appends each finished patient's kept trajectories to ``<default_root_dir>/<filename>`` (resumable).
+
+    With several processes (``--trainer.devices N``, ``use_distributed_sampler: false`` so that each rank
+    searches whole batches), rank r appends to ``<filename>.part<r>``; at the end rank 0 merges the parts
+    into ``<filename>`` in dataset order, each patient once. A rerun (any number of processes) skips every
+    patient finished in the merged file or in any part, so each rank resumes where it stopped.
 
     Args:
         filename: the trajectory file in the run directory.
@@ -44,13 +49,40 @@ class TrajectoryWriter(BasePredictionWriter):
         self.filename = filename
         self.store: TrajectoryStore | None = None
 
+    def _parts(self, root: Path) -> list[TrajectoryStore]:
+        paths = sorted(p for p in root.glob(f"{self.filename}.part*") if not p.name.endswith((".done", ".tmp")))
+        return [TrajectoryStore(p) for p in paths]
+
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.store = TrajectoryStore(Path(trainer.default_root_dir) / self.filename)
+        root = Path(trainer.default_root_dir)
+        final = TrajectoryStore(root / self.filename)
+        if trainer.world_size == 1:
+            self.store = final
+        else:
+            self.store = TrajectoryStore(root / f"{self.filename}.part{trainer.global_rank}")
+            trainer.strategy.barrier()  # the run directory exists on every rank before any part is written
         self.store.recover()
+        for other in [final, *self._parts(root)]:  # finished by an earlier run, or by another rank
+            if other.path != self.store.path:
+                self.store.done |= other.finished()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         for patient in prediction or []:
             self.store.append(patient["id"], patient["lines"])
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy.barrier()
+        root = Path(trainer.default_root_dir)
+        parts = self._parts(root)
+        if trainer.is_global_zero and parts:
+            datamodule = trainer.datamodule
+            order = {
+                str(sample): (s, k)
+                for s, split in enumerate(datamodule.hparams.predict_splits)
+                for k, sample in enumerate(datamodule.datasets[split].ids)
+            }
+            merge_stores(TrajectoryStore(root / self.filename), parts, order)
+        trainer.strategy.barrier()
 
 
 class DistillModule(L.LightningModule):
@@ -129,7 +161,9 @@ class DistillModule(L.LightningModule):
             prompt, _, shown = self.fit_prompt(data[batch["split"][k]], int(batch["index"][k]))
             patients.append(Patient(sample, prompt, int(batch["label"][k]), self.expert[sample]))
             visits.append(shown)
-        torch.manual_seed(self.hparams.seed * 1_000_003 + dataloader_idx * 100_003 + batch_idx)
+        # the batch's index in its split (not this rank's count): the same seed however the batches are sharded
+        batch_number = int(batch["index"][0]) // self.trainer.datamodule.batch_size
+        torch.manual_seed(self.hparams.seed * 1_000_003 + dataloader_idx * 100_003 + batch_number)
         results = search(patients, self.policy, self.matcher, self.search_config, self.reward)
         out = []
         for k, result in enumerate(results):

@@ -21,6 +21,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from tqdm.auto import tqdm
 
 from eagrl.data.expert import load_expert_attention
+from eagrl.distributed import gather_objects, unique_records
 from eagrl.errors import EAGRLInputError
 from eagrl.evaluation import bootstrap_metrics
 from eagrl.io import atomic_path
@@ -109,6 +110,15 @@ class AnswerEvaluator(L.LightningModule):
         total = sum(len(loader.dataset) for loader in loaders)
         self.bar = tqdm(total=total, desc="answering", unit="patient", disable=not self.hparams.progress_bar, leave=False)
 
+    def _gathered_records(self) -> dict[str, list[dict[str, Any]]]:
+        """Every rank's records, each patient once, in dataset order (what one process would have)."""
+        merged: dict[str, list[dict[str, Any]]] = {}
+        for part in gather_objects(self.records):
+            for split, records in part.items():
+                merged.setdefault(split, []).extend(records)
+        datasets = self.trainer.datamodule.datasets
+        return {split: unique_records(records, {str(i): k for k, i in enumerate(datasets[split].ids)}) for split, records in merged.items()}
+
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         split = batch["split"][0]
         data = self.trainer.datamodule.datasets[split]
@@ -150,6 +160,7 @@ class AnswerEvaluator(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.bar.close()
+        self.records = self._gathered_records()
         fill = self.hparams.unparsed_probability
         logged: dict[str, float] = {}
         for split, records in self.records.items():

@@ -30,9 +30,11 @@ resumes); the end of fit writes ``model/adapter`` and ``model/merged``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -40,6 +42,7 @@ from typing import Any, Literal, Optional
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
+from eagrl.distributed import all_reduce, world_size
 from eagrl.errors import EAGRLInputError
 from eagrl.io import check_safetensors
 from eagrl.kernels import resolve_backend
@@ -99,6 +102,10 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         kl_coef: β_KL of a k3 KL penalty to the stage-1 policy (adapter disabled); 0 turns it off.
         rollout_sampling: sampling of the rollouts (temperature also divides the logits in the loss).
         rollout_batch_size: sequences per ``generate`` call in the rollouts.
+        rollout_seed: when set, each patient's group is sampled in its own ``generate`` calls under a seed
+            made of this value, the step and the patient id: the rollouts no longer depend on which patients
+            share a batch or a rank, so an N-process run gives the 1-process run's updates (at some cost in
+            batching). None: one random stream for the whole batch (fastest).
         loss_backend: ``auto`` (the Triton kernel where it runs, else the PyTorch reference), ``triton``
             or ``torch`` (force one).
         compile_loss: run the loss under ``torch.compile(fullgraph=True, dynamic=True)``.
@@ -139,6 +146,7 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         kl_coef: NonNegativeFloat = 0.0,
         rollout_sampling: SamplingOptions = SamplingOptions(max_new_tokens=256, do_sample=True, temperature=1.0),
         rollout_batch_size: PositiveInt = 8,
+        rollout_seed: Optional[int] = None,
         loss_backend: Literal["auto", "triton", "torch"] = "auto",
         compile_loss: bool = False,
         sampling: SamplingOptions = SamplingOptions(max_new_tokens=256),
@@ -236,7 +244,15 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         group = self.hparams.group_size
         data = self.trainer.datamodule.datasets[batch["split"][0]]
         prompts = [self.fit_prompt(data, int(i))[0] for i in batch["index"]]
-        groups = sample_groups(self.llm, self.tokenizer, prompts, group, self.rollout_sampling, self.hparams.rollout_batch_size)
+        seed, size = self.hparams.rollout_seed, self.hparams.rollout_batch_size
+        if seed is None:
+            groups = sample_groups(self.llm, self.tokenizer, prompts, group, self.rollout_sampling, size)
+        else:
+            groups = []
+            for prompt, sample in zip(prompts, batch["id"]):
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    torch.manual_seed(zlib.crc32(f"{seed}:{self.global_step}:{sample}".encode()))
+                    groups += sample_groups(self.llm, self.tokenizer, [prompt], group, self.rollout_sampling, size)
         flat = [g for grp in groups for g in grp]
         for g in flat:  # a completion needs one token to be learnt from
             if not g.tokens:
@@ -264,19 +280,25 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         start = time.perf_counter()
         group = self.hparams.group_size
         rollout = self.rollout(batch)
-        logged = {
-            "reward": float(rollout.rewards.mean()),
-            "r_cls": float(rollout.r_cls.mean()),
-            "r_att": float(rollout.r_att.mean()),
-            "parse_rate": float(rollout.parsed.float().mean()),
-            "completion_length": rollout.n_tokens / len(rollout.completions),
-        }
         n_groups = len(rollout.prompt_ids)
+        # means over the batch of every rank (sums and counts reduced together)
+        sums = torch.tensor(
+            [float(rollout.rewards.sum()), float(rollout.r_cls.sum()), float(rollout.r_att.sum()), float(rollout.parsed.float().sum()),
+             float(rollout.n_tokens), float(len(rollout.completions)), float(n_groups)], dtype=torch.float64, device=self.device,
+        )  # fmt: skip
         if self.hparams.dynamic_sampling:
             rollout = rollout.select_groups(keep_varied_groups(rollout.rewards.view(n_groups, group)))
-        logged["groups_kept"] = len(rollout.prompt_ids) / n_groups
-        if rollout.prompt_ids:  # else every group had equal rewards: nothing to learn from this batch
-            logged.update(optimise(self.llm, self.optimizers(), rollout, self.update_config, self.manual_backward, self._loss))
+        sums = all_reduce(torch.cat([sums, sums.new_tensor([float(len(rollout.prompt_ids))])])).tolist()
+        reward, r_cls, r_att, parsed, tokens, completions, groups, kept = sums
+        logged = {
+            "reward": reward / completions, "r_cls": r_cls / completions, "r_att": r_att / completions,
+            "parse_rate": parsed / completions, "completion_length": tokens / completions, "groups_kept": kept / groups,
+        }  # fmt: skip
+        if rollout.prompt_ids or world_size() > 1:  # one rank alone skips a batch of equal rewards: nothing to learn
+            # gradients are summed by the update itself (its loss is a share of the global token mean), not by DDP
+            block = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
+            with block():
+                logged.update(optimise(self.llm, self.optimizers(), rollout, self.update_config, self.manual_backward, self._loss))
         logged["step_time"] = time.perf_counter() - start
         size = len(batch["id"])
         self.log_dict({f"train/{k}": float(v) for k, v in logged.items()}, on_step=True, on_epoch=False, batch_size=size)

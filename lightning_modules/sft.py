@@ -135,11 +135,11 @@ class SFTModule(AdapterCheckpointing, AnswerEvaluator):
 
     def training_step(self, examples: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
         loss = self.model_step(examples)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(examples))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(examples), sync_dist=True)
         return loss
 
     def validation_step(self, examples: list[dict[str, Any]], batch_idx: int) -> None:
-        self.log("val/loss", self.model_step(examples), on_step=False, on_epoch=True, batch_size=len(examples))
+        self.log("val/loss", self.model_step(examples), on_step=False, on_epoch=True, batch_size=len(examples), sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -51,6 +51,26 @@ class TrajectoryStore:
                 Path(tmp).write_text("".join(line + "\n" for line in kept))
         return set(self.done)
 
+    def finished(self) -> set[str]:
+        """The patients marked done (read only: another process may be writing this store)."""
+        return {line.strip() for line in _complete_lines(self.done_path) if line.strip()}
+
+    def records(self) -> list[dict[str, Any]]:
+        """The complete, readable lines of finished patients, in file order (read only)."""
+        done, out = self.finished(), []
+        for line in _complete_lines(self.path):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if str(record.get("id")) in done:
+                out.append(record)
+        return out
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.done_path.unlink(missing_ok=True)
+
     def append(self, patient_id: str, records: Iterable[dict[str, Any]]) -> None:
         """Write one finished patient's lines (possibly none), then mark the patient done."""
         text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
@@ -64,3 +84,26 @@ class TrajectoryStore:
             handle.flush()
             os.fsync(handle.fileno())
         self.done.add(str(patient_id))
+
+
+def merge_stores(final: TrajectoryStore, parts: list[TrajectoryStore], order: dict[str, tuple]) -> None:
+    """Merge the per-rank ``parts`` into ``final``: every finished patient once, patients sorted by
+    ``order[id]`` (unknown ids last), each patient's lines in their order. ``final`` and its done list
+    are replaced atomically before the parts are removed, so an interrupted merge can be run again."""
+    done: set[str] = set()
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for store in [final, *parts]:
+        finished = store.finished()
+        by_patient: dict[str, list[dict[str, Any]]] = {}
+        for record in store.records():
+            by_patient.setdefault(str(record["id"]), []).append(record)
+        for patient in finished - done:
+            lines[patient] = by_patient.get(patient, [])
+        done |= finished
+    ranked = sorted(done, key=lambda i: (0, order[i]) if i in order else (1, (i,)))
+    with atomic_path(final.path) as tmp:
+        Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for i in ranked for r in lines[i]), encoding="utf-8")
+    with atomic_path(final.done_path) as tmp:
+        Path(tmp).write_text("".join(f"{i}\n" for i in ranked))
+    for store in parts:
+        store.remove()

@@ -39,10 +39,13 @@ def keep_varied_groups(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards.amax(-1) - rewards.amin(-1)) > 0
 
 
-def clip_high_from_entropy(mean_entropy: torch.Tensor, eps_min: float, eps_max: float) -> torch.Tensor:
-    """ε(τ) [B] in [eps_min, eps_max] from the trajectories' mean key-token entropies [B] (detached)."""
+def clip_high_from_entropy(
+    mean_entropy: torch.Tensor, eps_min: float, eps_max: float, bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """ε(τ) [B] in [eps_min, eps_max] from the trajectories' mean key-token entropies [B] (detached),
+    min-max normalised over the batch, or over ``bounds`` (low, high: the whole batch of every rank)."""
     h = mean_entropy.detach().float()  # [B]
-    low, high = h.min(), h.max()
+    low, high = bounds if bounds is not None else (h.min(), h.max())
     span = high - low
     scaled = torch.where(span > 0, (h - low) / span.clamp_min(torch.finfo(h.dtype).tiny), torch.full_like(h, 0.5))
     return eps_min + (eps_max - eps_min) * scaled

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
+from eagrl.distributed import all_reduce, sum_gradients, world_size
 from eagrl.kernels import token_logp_entropy
 from eagrl.rl.grpo import Rollout, clip_high_from_entropy, masked_mean, policy_loss
 from eagrl.rl.rollout import completion_logits
@@ -75,15 +76,20 @@ def score(model, rollout: Rollout, config: UpdateConfig, reference: bool = False
     return out
 
 
-def clip_bounds(rollout: Rollout, entropies: list[torch.Tensor], config: UpdateConfig) -> torch.Tensor:
+def clip_bounds(rollout: Rollout, entropies: list[torch.Tensor], config: UpdateConfig, device: torch.device | None = None) -> torch.Tensor:
     """ε(τ) [B] from per-prompt token entropies [N_p]: each trajectory's mean over its key tokens (all its
-    tokens without a key span), min-max normalised over the batch into [eps_min, eps_max]."""
-    device = entropies[0].device
-    means = []
-    for p, entropy in enumerate(entropies):
-        tensors = _group_tensors(rollout, p, device)
-        means.append(masked_mean(entropy, tensors["key"], tensors["segments"], rollout.group_size))
-    return clip_high_from_entropy(torch.cat(means), config.eps_min, config.eps_max)
+    tokens without a key span), min-max normalised over the batch (of every rank) into [eps_min, eps_max]."""
+    device = entropies[0].device if entropies else device
+    means = [
+        masked_mean(entropy, tensors["key"], tensors["segments"], rollout.group_size)
+        for entropy, tensors in ((h, _group_tensors(rollout, p, device)) for p, h in enumerate(entropies))
+    ]
+    h = torch.cat(means) if means else torch.zeros(0, device=device)
+    if world_size() == 1:
+        return clip_high_from_entropy(h, config.eps_min, config.eps_max)
+    inf = torch.tensor([float("inf")], device=device)
+    low_high = all_reduce(torch.cat([h, inf]).min().view(1), "min"), all_reduce(torch.cat([h, -inf]).max().view(1), "max")
+    return clip_high_from_entropy(h, config.eps_min, config.eps_max, (low_high[0][0], low_high[1][0]))
 
 
 def optimise(
@@ -99,15 +105,17 @@ def optimise(
     first pass), eps_high (mean ε), grad_norm (of the last step)."""
     device = _device(model)
     group, n_prompts = rollout.group_size, len(rollout.prompt_ids)
-    weight = 1.0 / rollout.n_tokens  # token-mean over the rollout batch
+    distributed = world_size() > 1
+    total_tokens = float(all_reduce(torch.tensor([float(rollout.n_tokens)], device=device))[0])  # of every rank
+    weight = 1.0 / max(total_tokens, 1.0)  # token-mean over the rollout batch (of every rank)
     old: list[Optional[torch.Tensor]] = [None] * n_prompts
     eps_high: Optional[torch.Tensor] = None  # [B]
     if not config.adaptive_clip:
         eps_high = torch.full((n_prompts * group,), float(config.eps_high), device=device)
-    elif n_prompts > 1:
+    elif n_prompts > 1 or distributed:  # ε(τ) normalised over the batch (every rank's) before any loss
         scored = score(model, rollout, config)
         old = [logp for logp, _ in scored]
-        eps_high = clip_bounds(rollout, [h for _, h in scored], config)
+        eps_high = clip_bounds(rollout, [h for _, h in scored], config, device)
     reference = score(model, rollout, config, reference=True) if config.kl_coef > 0 else [None] * n_prompts
     per_prompt = [_group_tensors(rollout, p, device) for p in range(n_prompts)]  # the same every pass
     model.train()
@@ -140,15 +148,24 @@ def optimise(
             for name, value in {"loss": loss.detach(), **stats}.items():
                 share = 1.0 if name == "loss" else n * weight  # stats are means over this prompt's tokens
                 sums[name] = sums.get(name, 0.0) + float(value) * share / config.ppo_epochs
+        if distributed:  # each rank's loss is its share of the global token mean: the sum is the whole gradient
+            sum_gradients([q for g in optimizer.param_groups for q in g["params"] if q.requires_grad])
         params = [q for g in optimizer.param_groups for q in g["params"] if q.grad is not None]
         if params:
             norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    sums.update(
-        entropy=entropy_sum / rollout.n_tokens,
-        key_entropy=key_entropy_sum / key_tokens if key_tokens else float("nan"),
-        eps_high=float(eps_high.mean()),
+    names = ("loss", "clip_low", "clip_high", "ratio", "kl")
+    totals = all_reduce(torch.tensor(
+        [sums.get(name, 0.0) for name in names] + [entropy_sum, key_entropy_sum, key_tokens, float(eps_high.sum()), float(eps_high.numel())],
+        dtype=torch.float64, device=device,
+    )).tolist()  # fmt: skip
+    out = {name: value for name, value in zip(names, totals) if name in sums or distributed}
+    entropy_total, key_entropy_total, key_total, eps_total, trajectories = totals[len(names):]
+    out.update(
+        entropy=entropy_total / max(total_tokens, 1.0),
+        key_entropy=key_entropy_total / key_total if key_total else float("nan"),
+        eps_high=eps_total / trajectories if trajectories else float("nan"),
         grad_norm=float(norm),
     )
-    return sums
+    return out
