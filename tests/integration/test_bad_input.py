@@ -195,3 +195,47 @@ def test_an_expert_file_of_another_dataset(capsys, run_dir, tmp_path, model_cach
     record = {"id": "made-up-1", "split": "test", "label": 0, "prob": 0.1, "features": [[n, 0.2] for n in names], "top_k": names}
     other.write_text(json.dumps(record) + "\n")
     refused(capsys, run_dir, *_prompting(model_cache, other), named="are not in this dataset")
+
+
+# ---------------------------------------------------------------------------------------- scale-out
+RL = ["fit", "--config", "configs/tjh/rl.yaml", "--config", "configs/smoke/rl.yaml"]
+SFT_FSDP = ["fit", "--config", "configs/tjh/sft_paper.yaml", "--config", "configs/scale/sft_fsdp.yaml"]
+
+
+def test_a_strategy_the_stage_does_not_support(capsys, run_dir):
+    refused(capsys, run_dir, *RL, "--trainer.strategy", "fsdp", named="RLModule does not run under 'fsdp'; it supports: single, ddp")
+
+
+def test_qlora_under_fsdp(capsys, run_dir):
+    refused(capsys, run_dir, *SFT_FSDP, "--model.init_args.backbone.quantization", "nf4", named="nf4 (QLoRA) runs with DDP only")
+
+
+def test_a_merged_export_under_fsdp(capsys, run_dir):
+    refused(capsys, run_dir, *SFT_FSDP, "--model.init_args.save_merged", "true", named="model.save_merged")
+
+
+def test_more_cpu_processes_than_cores(capsys, run_dir):
+    too_many = str((os.cpu_count() or 1) + 1)
+    refused(capsys, run_dir, *CONCARE, "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", too_many, named="CPU cores")
+
+
+def test_more_gpus_than_the_machine_has(capsys, run_dir):
+    import torch
+
+    asked = str(torch.cuda.device_count() + 1)
+    refused(capsys, run_dir, *CONCARE, "--trainer.accelerator", "gpu", "--trainer.devices", asked, named="error: trainer: ")
+
+
+def test_a_world_size_that_does_not_divide_the_training_subset(capsys, run_dir, tjh_expert):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 CPU cores for 2 processes")
+    args = [*RL, "--model.init_args.expert_attention", str(tjh_expert), "--data.init_args.train_patients", "3"]
+    refused(capsys, run_dir, *args, "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2", named="do not split evenly over 2 processes")
+
+
+def test_the_fsdp_overlay_parses_on_every_paper_sft_config(capsys):
+    for config in ("configs/tjh/sft_paper.yaml", "configs/mimic_iv/sft_paper.yaml"):
+        with pytest.raises(SystemExit) as stop:
+            main(["fit", "--config", config, "--config", "configs/scale/sft_fsdp.yaml", "--print_config"])
+        out = capsys.readouterr().out
+        assert not stop.value.code and "FSDPStrategy" in out and "save_merged: false" in out

@@ -46,18 +46,21 @@ def _stamp(path: Path):
 
 
 def run_and_kill(args: list[str], cache: Path, watch: Path, changes: int) -> None:
-    """Start ``python -m eagrl ARGS`` and SIGKILL it once ``watch`` has been written ``changes`` times."""
+    """Start ``python -m eagrl ARGS`` and SIGKILL it (with every process it started: the other ranks of a
+    multi-process run) once ``watch`` has been written ``changes`` times."""
     log = Path(tempfile.mkstemp(suffix=".log")[1])
     env = {**os.environ, "EAGRL_CACHE_DIR": str(cache)}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "eagrl", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "eagrl", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         seen, last, deadline = 0, _stamp(watch), time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
             stamp = _stamp(watch)
             if stamp != last:
                 seen, last = seen + 1, stamp
             if seen >= changes:
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.005)
         proc.wait()

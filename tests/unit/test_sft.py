@@ -60,3 +60,26 @@ def test_completion_loss_equals_the_models_own_loss(tokenizer):
     model = tiny_random_llama(tokenizer)
     batch = sft_batch(tokenizer, ["<|im_start|>user\nA prompt.<|im_end|>\n", "<|im_start|>user\nA longer prompt here.<|im_end|>\n"], ["<Final Answer> 0.4", "x"])
     assert completion_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+
+
+def test_the_adapter_export_from_a_gathered_state_dict_equals_peft_own(tmp_path):
+    """Under FSDP the adapter is written from the gathered state dict (``_save_adapter``): the same files
+    as peft's ``save_pretrained``, which cannot see the sharded weights."""
+    from safetensors.torch import load_file
+
+    from eagrl.models.backbone import BackboneOptions, LoraOptions, load_backbone
+    from lightning_modules.adapters import _save_adapter
+
+    torch.manual_seed(0)
+    llm, _ = load_backbone(BackboneOptions(name="tiny-random-llama", lora=LoraOptions(rank=4, alpha=8, dropout=0.0)))
+    for name, p in llm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # B starts at zero: make the two exports distinguishable from zeros
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "ours").mkdir()
+    llm.save_pretrained(tmp_path / "peft")
+    _save_adapter(llm, {f"llm.{k}": v for k, v in llm.state_dict().items()}, tmp_path / "ours")
+    want, got = load_file(tmp_path / "peft/adapter_model.safetensors"), load_file(tmp_path / "ours/adapter_model.safetensors")
+    assert want.keys() == got.keys() and want
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert (tmp_path / "ours/adapter_config.json").is_file()
