@@ -10,6 +10,7 @@ each run must equal the 1-process run on the same data.
 - RL: 2 ranks with 1 patient each equal 1 process with both (per-prompt seeded rollouts; token mean,
   ε(τ) normaliser and statistics reduced over the ranks). The gradient reduction itself is tested on
   nonzero advantages in ``tests/unit/test_distributed_update.py`` (a random model earns equal rewards).
+- SFT: the same test metrics (its loss is a per-rank token mean, within 1e-3 relative).
 - Distillation: 2 ranks search whole batches and their parts merge into the 1-process file, also after a
   kill and a rerun.
 
@@ -125,3 +126,22 @@ def test_distillation_on_two_ranks_merges_into_the_one_process_file(tmp_path, tj
     assert (two / "trajectories.jsonl").read_bytes() == (one / "trajectories.jsonl").read_bytes()
     assert sorted((two / "trajectories.jsonl.done").read_text().split()) == sorted((one / "trajectories.jsonl.done").read_text().split())
     assert not list(two.glob("trajectories.jsonl.part*"))  # merged: no part left
+
+
+def test_sft_on_two_ranks_gives_the_one_process_test_metrics(tmp_path, tjh_expert, session_cache):
+    """SFT's loss is a token mean per rank, averaged by DDP (as in TRL and the HF Trainer): train and val
+    loss differ from one process's by the ranks' token counts (within 1e-3 relative). The answers, and so
+    every test metric, are the same."""
+    distilled = tmp_path / "distill"
+    _ok(*DISTILL, "--model.init_args.expert_attention", str(tjh_expert), "--trainer.default_root_dir", str(distilled), cache=session_cache)
+    args = [
+        "fit", "--config", "configs/tjh/sft.yaml", "--config", "configs/smoke/sft.yaml", "--trainer.max_epochs", "2",
+        "--data.init_args.trajectories", str(distilled / "trajectories.jsonl"), "--model.init_args.expert_attention", str(tjh_expert),
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ok(*args, "--data.init_args.batch_size", "2", "--trainer.default_root_dir", str(one), cache=session_cache)
+    _ok(*args, *DDP, "--data.init_args.batch_size", "1", "--trainer.default_root_dir", str(two), cache=session_cache)
+    assert_same(two, one, skip=("train/loss", "val/loss"))
+    for name in ("train/loss_epoch", "val/loss"):
+        assert _metrics(two)[name] == pytest.approx(_metrics(one)[name], rel=1e-3), name
+    assert sorted(p.name for p in (two / "model").iterdir()) == ["adapter", "merged"]
