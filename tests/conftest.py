@@ -52,6 +52,18 @@ def mimic_module(session_cache):
     return dm
 
 
+@pytest.fixture()
+def tjh_copy(tmp_path, data_root) -> Path:
+    """A private copy of the TJH files to damage (pytest's temp dir; never committed)."""
+    import shutil
+
+    root = tmp_path / "data"
+    for rel in ("tjh/raw/time_series_375_prerpocess_en.xlsx", "tjh/splits/tjh_clinicrealm_split_ids.csv"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(data_root / rel, root / rel)
+    return root
+
+
 def run_cli(*args: str, cache: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m eagrl ARGS`` in a subprocess, as a user would."""
     full_env = {**os.environ, **(env or {})}

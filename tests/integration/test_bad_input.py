@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -42,16 +41,6 @@ def run_dir(tmp_path) -> Path:
     for rel, data in EARLIER.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
-    return root
-
-
-@pytest.fixture()
-def tjh_copy(tmp_path, data_root) -> Path:
-    """A private copy of the TJH files (pytest's temp dir; never committed)."""
-    root = tmp_path / "data"
-    for rel in (TJH_XLSX, TJH_SPLIT):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(data_root / rel, root / rel)
     return root
 
 

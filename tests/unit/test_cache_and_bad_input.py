@@ -17,16 +17,6 @@ TJH_XLSX = "tjh/raw/time_series_375_prerpocess_en.xlsx"
 TJH_SPLIT = "tjh/splits/tjh_clinicrealm_split_ids.csv"
 
 
-@pytest.fixture()
-def tjh_copy(tmp_path, data_root) -> Path:
-    """A private copy of the TJH files (never committed; lives in pytest's temp dir)."""
-    root = tmp_path / "data"
-    for rel in (TJH_XLSX, TJH_SPLIT):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(data_root / rel, root / rel)
-    return root
-
-
 def _module(root: Path, cache: Path, **kwargs) -> EHRDataModule:
     return EHRDataModule(dataset="tjh", data_dir=str(root), cache_dir=str(cache), progress=False, **kwargs)
 
