@@ -169,20 +169,27 @@ class RandomState(L.Callback):
 
         import numpy as np
 
+        from eagrl.distributed import gather_objects
+
         kind, keys, position, has_gauss, gauss = np.random.get_state()
         version, internal, gauss_next = random.getstate()
-        return {
+        mine = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
             "python": [version, list(internal), gauss_next],
         }
+        return {"ranks": gather_objects(mine)}  # every rank's own state (each rank samples differently)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         import random
 
         import numpy as np
 
+        from eagrl.distributed import rank
+
+        ranks = state.get("ranks", [state])
+        state = ranks[rank()] if rank() < len(ranks) else ranks[0]  # resumed on more ranks: the rest start from rank 0's
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -198,7 +205,9 @@ def _checkpoints_to_resume(trainer: L.Trainer, ckpt_path: str) -> list[Path]:
         return []  # Lightning resolves these (best: a checkpoint this process just wrote)
     if ckpt_path == "last":
         folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
-        return sorted(p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt"))
+        return sorted(p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt") if p.is_file())
+    if "://" in ckpt_path or Path(ckpt_path).expanduser().is_dir():
+        return []  # a remote file or a sharded (FSDP) checkpoint folder: Lightning reads and checks it
     return [Path(ckpt_path).expanduser()]
 
 
@@ -269,6 +278,9 @@ def _check_weights_only(path: Path) -> None:
             f"checkpoint {path} holds objects other than tensors and plain values, so it was not loaded "
             f"(torch.load(weights_only=True): {first}). Pass --weights_only false only for a file you trust"
         ) from None
+    except (RuntimeError, ValueError, OSError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EAGRLInputError(f"checkpoint {path} is not a PyTorch checkpoint that can be read ({first})") from None
 
 
 def _plain(value: Any) -> Any:
@@ -378,7 +390,7 @@ class EAGRLCLI(LightningCLI):
         """LightningCLI reads a checkpoint file's hyperparameters while parsing: check the file first."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
+        if ckpt_path and "://" not in str(ckpt_path) and Path(ckpt_path).is_file():
             check_checkpoint(ckpt_path)
             _check_weights_only(Path(ckpt_path))  # LightningCLI reads it with weights_only=True whatever is set
         super()._parse_ckpt_path()

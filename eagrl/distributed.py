@@ -17,6 +17,10 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
 
 
+def rank() -> int:
+    return torch.distributed.get_rank() if world_size() > 1 else 0
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in a single process)."""
     if world_size() == 1:

@@ -96,6 +96,8 @@ def check_safetensors(path: str | os.PathLike, what: str) -> Path:
             if length > size - 8:
                 raise ValueError(f"header of {length} bytes in a file of {size}")
             header = json.loads(handle.read(length))
+        if not isinstance(header, dict):
+            raise ValueError(f"a header that is a {type(header).__name__}, not an object")
         ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
         if 8 + length + max(ends, default=0) > size:
             problem = f"{size} bytes, its header lists {8 + length + max(ends)}"

@@ -9,6 +9,7 @@ next stage and evaluation load as ``backbone.name``) are written under a tempora
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,8 +21,8 @@ class AdapterCheckpointing:
     ``save_merged``."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        trainable = {_clean(name) for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if _clean(k) in trainable}
 
     def on_fit_end(self) -> None:
         if self.trainer.interrupted:
@@ -71,9 +72,14 @@ def _save_adapter(llm, state: dict[str, Any], folder: Path) -> None:
 
     prefix = "llm.base_model.model."
     weights = {
-        "base_model.model." + k[len(prefix):].replace(".default.", "."): v.detach().cpu().contiguous()
+        "base_model.model." + re.sub(r"\.default(?=\.|$)", "", _clean(k)[len(prefix):]): v.detach().cpu().contiguous()
         for k, v in state.items()
-        if k.startswith(prefix) and "lora_" in k
+        if _clean(k).startswith(prefix) and "lora_" in k
     }
     save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     llm.peft_config["default"].save_pretrained(str(folder))
+
+
+def _clean(name: str) -> str:
+    """A parameter name without the wrappers FSDP and activation checkpointing insert (as in a full state dict)."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")

@@ -65,10 +65,10 @@ class ConCareModule(L.LightningModule):
         self.net: ConCare | None = None
         if feature_names is not None and n_demographic is not None:
             self._build(feature_names, n_demographic)
-        self.probs = torch.nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
-        self.labels = torch.nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
-        self.indices = torch.nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
-        self.losses = torch.nn.ModuleDict({s: CatMetric() for s in ("val", "test")})  # per sample, with its batch's DeCov
+        self.probs = torch.nn.ModuleDict({s: CatMetric(nan_strategy="disable") for s in ("val", "test")})
+        self.labels = torch.nn.ModuleDict({s: CatMetric(nan_strategy="disable") for s in ("val", "test")})
+        self.indices = torch.nn.ModuleDict({s: CatMetric(nan_strategy="disable") for s in ("val", "test")})
+        self.losses = torch.nn.ModuleDict({s: CatMetric(nan_strategy="disable") for s in ("val", "test")})  # per sample, with its batch's DeCov
 
     def _build(self, feature_names: list[str], n_demographic: int) -> None:
         hp = self.hparams

@@ -42,7 +42,7 @@ from typing import Any, Literal, Optional
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
-from eagrl.distributed import all_reduce, world_size
+from eagrl.distributed import all_reduce
 from eagrl.errors import EAGRLInputError
 from eagrl.io import check_safetensors
 from eagrl.kernels import resolve_backend
@@ -294,7 +294,7 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
             "reward": reward / completions, "r_cls": r_cls / completions, "r_att": r_att / completions,
             "parse_rate": parsed / completions, "completion_length": tokens / completions, "groups_kept": kept / groups,
         }  # fmt: skip
-        if rollout.prompt_ids or world_size() > 1:  # one rank alone skips a batch of equal rewards: nothing to learn
+        if kept > 0:  # else every group of every rank had equal rewards: nothing to learn (the same on all ranks)
             # gradients are summed by the update itself (its loss is a share of the global token mean), not by DDP
             block = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
             with block():

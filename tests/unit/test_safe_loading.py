@@ -108,3 +108,45 @@ def test_a_class_path_outside_the_expected_base_class_is_refused(capsys, tmp_pat
     with pytest.raises(SystemExit) as stop:
         main([*CONCARE, "--model.class_path", "os.system", "--print_config"])
     assert stop.value.code == 2
+
+
+def test_a_zip_that_is_not_a_checkpoint_is_one_clear_error(capsys, tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "notes.ckpt", "w") as archive:
+        archive.writestr("notes.txt", "not a checkpoint")
+    with pytest.raises(SystemExit) as stop:
+        main([*CONCARE, "--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path", str(tmp_path / "notes.ckpt")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "is not a PyTorch checkpoint that can be read" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("header", [b"[1, 2]", b"12", b"{not json"])
+def test_a_safetensors_header_that_is_not_an_object_is_reported(tmp_path, header):
+    import struct
+
+    from eagrl.errors import EAGRLInputError
+    from eagrl.io import check_safetensors
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(EAGRLInputError, match="not a complete safetensors file"):
+        check_safetensors(path, "backbone.name")
+
+
+def test_the_random_state_round_trips_through_a_checkpoint():
+    import random
+
+    import numpy as np
+
+    from eagrl.cli import RandomState
+
+    callback = RandomState()
+    state = callback.state_dict()
+    torch.save(state, "/dev/null")  # tensors and plain values only
+    drawn = (torch.rand(3), np.random.rand(), random.random())
+    callback.load_state_dict(state)
+    again = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(drawn[0], again[0]) and drawn[1:] == again[1:]
+    callback.load_state_dict(state["ranks"][0])  # a checkpoint of one process, before the per-rank list
+    assert torch.equal(torch.rand(3), drawn[0])

@@ -83,3 +83,10 @@ def test_the_adapter_export_from_a_gathered_state_dict_equals_peft_own(tmp_path)
     assert want.keys() == got.keys() and want
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert (tmp_path / "ours/adapter_config.json").is_file()
+
+
+def test_checkpoint_names_under_fsdp_match_the_full_state_dict():
+    from lightning_modules.adapters import _clean
+
+    wrapped = "llm._fsdp_wrapped_module.base_model.model.model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.self_attn.q_proj.lora_A.default.weight"
+    assert _clean(wrapped) == "llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
