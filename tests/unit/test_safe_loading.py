@@ -150,3 +150,20 @@ def test_the_random_state_round_trips_through_a_checkpoint():
     assert torch.equal(drawn[0], again[0]) and drawn[1:] == again[1:]
     callback.load_state_dict(state["ranks"][0])  # a checkpoint of one process, before the per-rank list
     assert torch.equal(torch.rand(3), drawn[0])
+
+
+def test_a_damaged_cached_conversion_is_reported_and_converted_again(tmp_path, caplog):
+    """The converted SmolLM2 in the model cache, cut short: noticed (and logged) before loading."""
+    from eagrl.models.backbone import _intact
+
+    folder = tmp_path / "smollm2-135m-instruct"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(64, 64)}, str(folder / "model.safetensors"))
+    assert _intact(folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with caplog.at_level("WARNING"):
+        assert not _intact(folder)
+    assert "not a complete safetensors file" in caplog.text and "converting again" in caplog.text
