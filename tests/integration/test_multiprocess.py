@@ -145,3 +145,16 @@ def test_sft_on_two_ranks_gives_the_one_process_test_metrics(tmp_path, tjh_exper
     for name in ("train/loss_epoch", "val/loss"):
         assert _metrics(two)[name] == pytest.approx(_metrics(one)[name], rel=1e-3), name
     assert sorted(p.name for p in (two / "model").iterdir()) == ["adapter", "merged"]
+
+
+def test_a_prompting_baseline_on_two_ranks_gives_the_one_process_metrics(tmp_path, tjh_expert, session_cache):
+    args = [
+        "test", "--config", "configs/tjh/prompting_vanilla.yaml", "--config", "configs/smoke/prompting.yaml",
+        "--model.init_args.expert_attention", str(tjh_expert), "--data.init_args.eval_patients", "8", "--trainer.limit_test_batches", "null",
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ok(*args, "--trainer.default_root_dir", str(one), cache=session_cache)
+    _ok(*args, *DDP, "--trainer.default_root_dir", str(two), cache=session_cache)
+    assert _metrics(two)["test/samples"] == 8.0
+    assert_same(two, one)
+    assert (two / "generations.jsonl").read_text() == (one / "generations.jsonl").read_text()  # gathered, in dataset order
