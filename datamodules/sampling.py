@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator, Sized
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from eagrl.distributed import rank, world_size
+
 
 def run_seed() -> int:
     """The seed of ``seed_everything`` (Lightning keeps it in ``PL_GLOBAL_SEED``), 0 when none was set."""
@@ -35,12 +37,6 @@ class EpochShuffle(DistributedSampler):
         self.epoch = 0
         self.epoch_of = epoch_of
 
-    @staticmethod
-    def _ranks() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -50,15 +46,14 @@ class EpochShuffle(DistributedSampler):
         epoch = self.epoch if current is None else current
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(self.n, generator=generator).tolist()
-        rank, world = self._ranks()
+        world = world_size()
         if world > 1:
             order += order[: (-len(order)) % world]  # equal shares
-            order = order[rank::world]
+            order = order[rank() :: world]
         return iter(order)
 
     def __len__(self) -> int:
-        world = self._ranks()[1]
-        return -(-self.n // world)
+        return -(-self.n // world_size())
 
 
 def make_loader(

@@ -199,16 +199,10 @@ class RandomState(L.Callback):
         random.setstate((version, tuple(internal), gauss_next))
 
 
-def _checkpoints_to_resume(trainer: L.Trainer, ckpt_path: str) -> list[Path]:
-    """The files ``ckpt_path`` may load: a path, or for ``last`` every ``last*.ckpt`` of the checkpoint folders."""
-    if ckpt_path in ("best", "hpc", "registry") or ckpt_path.startswith("registry:"):
-        return []  # Lightning resolves these (best: a checkpoint this process just wrote)
-    if ckpt_path == "last":
-        folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
-        return sorted(p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt") if p.is_file())
-    if "://" in ckpt_path or Path(ckpt_path).expanduser().is_dir():
-        return []  # a remote file or a sharded (FSDP) checkpoint folder: Lightning reads and checks it
-    return [Path(ckpt_path).expanduser()]
+def _last_checkpoints(trainer: L.Trainer) -> list[Path]:
+    """The files ``--ckpt_path last`` may load: every ``last*.ckpt`` of the checkpoint folders."""
+    folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+    return sorted(p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt") if p.is_file())
 
 
 # Which stages run under which family of Lightning strategies (README: "Running on a cluster").
@@ -272,14 +266,13 @@ def _check_weights_only(path: Path) -> None:
 
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
+    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EAGRLInputError(
-            f"checkpoint {path} holds objects other than tensors and plain values, so it was not loaded "
-            f"(torch.load(weights_only=True): {first}). Pass --weights_only false only for a file you trust"
-        ) from None
-    except (RuntimeError, ValueError, OSError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError):
+            raise EAGRLInputError(
+                f"checkpoint {path} holds objects other than tensors and plain values, so it was not loaded "
+                f"(torch.load(weights_only=True): {first}). Pass --weights_only false only for a file you trust"
+            ) from None
         raise EAGRLInputError(f"checkpoint {path} is not a PyTorch checkpoint that can be read ({first})") from None
 
 
@@ -399,34 +392,25 @@ class EAGRLCLI(LightningCLI):
         if subcommand == "summary":
             print(json.dumps(self.datamodule.summary()))
             return
-        ckpt_path = self.config_init[subcommand].get("ckpt_path")
-        if ckpt_path:  # a truncated, damaged or code-carrying checkpoint is reported, never half-loaded
+        if self.config_init[subcommand].get("ckpt_path") == "last":  # a file path was checked while parsing
             safe = self.config_init[subcommand].get("weights_only") is not False
-            for path in _checkpoints_to_resume(self.trainer, str(ckpt_path)):
+            for path in _last_checkpoints(self.trainer):  # truncated, damaged or code-carrying: reported, never loaded
                 check_checkpoint(path)
                 if safe:
                     _check_weights_only(path)
         super()._run_subcommand(subcommand)
 
 
-def _input_error(err: BaseException) -> EAGRLInputError | None:
-    """The EAGRLInputError behind ``err``, if any (jsonargparse wraps errors raised in ``__init__``)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, EAGRLInputError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _misconfiguration(err: BaseException) -> BaseException | None:
-    """Lightning's own refusal of a trainer setting (e.g. more GPUs than the machine has)."""
+def _reported(err: BaseException) -> BaseException | None:
+    """The error behind ``err`` that is reported as one line: our ``EAGRLInputError`` (jsonargparse wraps
+    errors raised in ``__init__``) or Lightning's refusal of a trainer setting (more GPUs than present)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    while err is not None:
-        if isinstance(err, MisconfigurationException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (EAGRLInputError, MisconfigurationException)):
             return err
+        seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
 
@@ -436,7 +420,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         EAGRLCLI(args=args)
     except Exception as err:
-        found = _input_error(err) or _misconfiguration(err)
+        found = _reported(err)
         if found is None:
             raise
         prefix = "trainer: " if not isinstance(found, EAGRLInputError) else ""

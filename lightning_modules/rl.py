@@ -77,8 +77,6 @@ def _check_local(name: str, key: str) -> None:
             f"{key}: {name} does not exist: stage 2 starts from the stage-1 model; run the SFT config first "
             "(python -m eagrl fit --config configs/<dataset>/sft.yaml), or point it at its model/merged folder"
         )
-    for weights in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
-        check_safetensors(weights, key)  # cut short by a kill or a partial copy: reported, not half-loaded
 
 
 class RLModule(AdapterCheckpointing, AnswerEvaluator):
@@ -186,6 +184,8 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         _check_local(backbone.name, "model.backbone.name")
         if init_adapter is not None:
             _check_local(init_adapter, "model.init_adapter")
+            for weights in sorted(Path(init_adapter).expanduser().glob("*.safetensors")):
+                check_safetensors(weights, "model.init_adapter")  # cut short: reported, not half-loaded (the backbone's are checked as it loads)
         if reward.use_attention and not expert_attention:
             raise EAGRLInputError("model.expert_attention: the reward uses R_att (reward.use_attention true) and needs the expert export")
         self.save_hyperparameters(ignore=["backbone", "sampling", "rollout_sampling", "reward"])

@@ -33,19 +33,12 @@ class TrajectoryStore:
 
     def recover(self) -> set[str]:
         """Load the finished patients and drop whatever an interrupted run left half-written."""
-        self.done = {line.strip() for line in _complete_lines(self.done_path) if line.strip()}
+        self.done = self.finished()
         if self.done_path.is_file():
             with atomic_path(self.done_path) as tmp:
                 Path(tmp).write_text("".join(f"{i}\n" for i in sorted(self.done)))
         lines = _complete_lines(self.path)
-        kept = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if str(record.get("id")) in self.done:
-                kept.append(line)
+        kept = [line for line, _ in self._finished_lines(self.done)]
         if self.path.is_file() and (len(kept) != len(lines) or not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size):
             with atomic_path(self.path) as tmp:
                 Path(tmp).write_text("".join(line + "\n" for line in kept))
@@ -55,17 +48,21 @@ class TrajectoryStore:
         """The patients marked done (read only: another process may be writing this store)."""
         return {line.strip() for line in _complete_lines(self.done_path) if line.strip()}
 
-    def records(self) -> list[dict[str, Any]]:
-        """The complete, readable lines of finished patients, in file order (read only)."""
-        done, out = self.finished(), []
+    def _finished_lines(self, done: set[str]) -> list[tuple[str, dict[str, Any]]]:
+        """``(line, record)`` of every complete, readable line of a patient in ``done``, in file order."""
+        out = []
         for line in _complete_lines(self.path):
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
             if str(record.get("id")) in done:
-                out.append(record)
+                out.append((line, record))
         return out
+
+    def records(self) -> list[dict[str, Any]]:
+        """The complete, readable lines of finished patients, in file order (read only)."""
+        return [record for _, record in self._finished_lines(self.finished())]
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -88,8 +88,8 @@ def clip_bounds(rollout: Rollout, entropies: list[torch.Tensor], config: UpdateC
     if world_size() == 1:
         return clip_high_from_entropy(h, config.eps_min, config.eps_max)
     inf = torch.tensor([float("inf")], device=device)
-    low_high = all_reduce(torch.cat([h, inf]).min().view(1), "min"), all_reduce(torch.cat([h, -inf]).max().view(1), "max")
-    return clip_high_from_entropy(h, config.eps_min, config.eps_max, (low_high[0][0], low_high[1][0]))
+    negated_low, high = all_reduce(torch.stack([-torch.cat([h, inf]).min(), torch.cat([h, -inf]).max()]), "max")  # one collective
+    return clip_high_from_entropy(h, config.eps_min, config.eps_max, (-negated_low, high))
 
 
 def optimise(
@@ -160,7 +160,7 @@ def optimise(
         [sums.get(name, 0.0) for name in names] + [entropy_sum, key_entropy_sum, key_tokens, float(eps_high.sum()), float(eps_high.numel())],
         dtype=torch.float64, device=device,
     )).tolist()  # fmt: skip
-    out = {name: value for name, value in zip(names, totals) if name in sums or distributed}
+    out = dict(zip(names, totals))
     entropy_total, key_entropy_total, key_total, eps_total, trajectories = totals[len(names):]
     out.update(
         entropy=entropy_total / max(total_tokens, 1.0),
