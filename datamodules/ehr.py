@@ -14,15 +14,23 @@ from typing import Any, Literal, Optional
 import lightning as L
 import numpy as np
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import DataLoader, Subset, Dataset
 
 from datamodules.sampling import BatchShard, make_loader
 from eagrl.data import mimic_iv, tjh
 from eagrl.data.cohort import SPLITS, PreparedCohort
 from eagrl.data.features import DATASET_TASKS
-from eagrl.data.preprocess import PREPROCESS_VERSION, load_or_build, prepare, stratified_patient_split
-from eagrl.data.text import serialize_patient, shuffled_order, system_prompt
+from eagrl.data.preprocess import (
+    PREPROCESS_VERSION,
+    cache_folder,
+    exclusion_counts,
+    load_or_build,
+    prepare,
+    stratified_patient_split,
+    write_split_file,
+)
+from eagrl.data.text import question_key, serialize_patient, system_prompt
 from eagrl.errors import EAGRLInputError
 from eagrl.paths import cache_dir, data_dir
 
@@ -47,11 +55,6 @@ class EHRDataset(Dataset):
         rows = raw.rows(k)
         x = self.cohort.normalised[rows]  # [T, F]
         missing = self.cohort.missing[rows]  # [T, F] bool
-        fraction = self.text_options.get("shuffle_fraction") or 0.0
-        if fraction:  # the robustness study: tensor models read the dynamic columns in the text's shuffled order
-            order = shuffled_order(x.shape[1] - self.n_demographic, fraction, self.text_options.get("shuffle_seed", 0), str(raw.sample_ids[k]))
-            columns = np.concatenate([np.arange(self.n_demographic), self.n_demographic + order])
-            x, missing = x[:, columns], missing[:, columns]
         return {
             "id": str(raw.sample_ids[k]),
             "index": i,
@@ -131,15 +134,27 @@ class EHRDataModule(L.LightningDataModule):
         mimic_dir: the MIMIC-IV folder (with ``hosp/`` and ``icu/``), relative to ``data_dir`` or absolute.
             Point it at a full MIMIC-IV v2.2/v3.1 folder to use the full database.
         cache_dir: cache root (default: ``$EAGRL_CACHE_DIR`` or ``~/.cache/eagrl``).
-        split: ``published`` (TJH's ClinicRealm split) or ``stratified`` (seeded, patient-level,
-            stratified on the label). Default: published for TJH, stratified for MIMIC-IV.
+        split: ``published`` (TJH's ClinicRealm split), ``stratified`` (seeded, patient-level, stratified on
+            mortality, so both MIMIC-IV tasks share it) or ``file`` (``split_file``). Default: published for
+            TJH, stratified for MIMIC-IV. Every split is made before the cohort's exclusions and written to
+            ``split.csv`` in the cache folder (``summary`` prints where).
+        split_file: with ``split: file``, a CSV with columns ``id,patient,split`` (such a ``split.csv``) or
+            ``PATIENT_ID,split``, naming every sample of the cohort before exclusions.
         split_ratios: train/val/test fractions of patients for the stratified split.
         split_seed: seed of the stratified split.
+        observation_hours: MIMIC-IV mortality: read only the first N hours after ICU ``intime``; stays that end
+            (death or ICU discharge) before then are excluded. None: the whole stay (the group's protocol).
+        observation_days: TJH: read only the first N days from the first record (day 1 .. N); patients whose
+            stay ends before then are excluded. None: the whole stay.
+        readmission_level: MIMIC-IV readmission: ``icu`` (the group's definition: next ICU stay within 30
+            days of ``outtime``, or death from ``intime`` to 30 days after ``outtime``) or ``hospital`` (next
+            admission within 30 days of ``dischtime``; stays of in-hospital deaths excluded).
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
         max_visits: show only the last N visits in the LLM text (None: all).
-        shuffle_fraction: fraction of feature lines whose order is permuted in the LLM text (0, 0.2, ..., 1);
-            tensor models (ConCare) get their dynamic feature columns permuted the same way.
+        shuffle_fraction: fraction of feature lines whose order is permuted in the LLM text (0, 0.2, ..., 1).
+            Tensor inputs are never permuted: ConCare has one GRU per feature and is order-invariant by
+            construction (permuting its columns would feed one feature's values to another's GRU).
         shuffle_seed: seed of that permutation.
         chunk_size: rows of MIMIC-IV chartevents read at a time (memory follows this, not the table size).
         max_steps: MIMIC-IV days kept per stay (earlier days collapse into the first kept one).
@@ -161,7 +176,8 @@ class EHRDataModule(L.LightningDataModule):
         data_dir: Optional[str] = None,
         mimic_dir: str = "mimic-iv-demo",
         cache_dir: Optional[str] = None,
-        split: Optional[Literal["published", "stratified"]] = None,
+        split: Optional[Literal["published", "stratified", "file"]] = None,
+        split_file: Optional[str] = None,
         split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
         split_seed: int = 42,
         batch_size: PositiveInt = 64,
@@ -171,6 +187,9 @@ class EHRDataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
         chunk_size: PositiveInt = 1_000_000,
         max_steps: PositiveInt = 8,
+        observation_hours: Optional[PositiveFloat] = None,
+        observation_days: Optional[PositiveInt] = None,
+        readmission_level: Literal["icu", "hospital"] = "icu",
         rebuild_cache: bool = False,
         progress: bool = True,
         predict_splits: list[Literal["train", "val", "test"]] = ["test"],  # noqa: B006 - jsonargparse needs a value
@@ -187,6 +206,19 @@ class EHRDataModule(L.LightningDataModule):
         split = split or ("published" if dataset == "tjh" else "stratified")
         if split == "published" and dataset != "tjh":
             raise EAGRLInputError(f"data.split: 'published' exists only for tjh; use 'stratified' for {dataset}")
+        if (split == "file") != (split_file is not None):
+            raise EAGRLInputError("data.split_file: give a split file exactly when data.split is 'file'")
+        window = {"observation_hours": observation_hours, "observation_days": observation_days}
+        own = "observation_hours" if dataset == "mimic_iv" else "observation_days"
+        for key, value in window.items():
+            if value is not None and key != own:
+                raise EAGRLInputError(f"data.{key} applies to {'mimic_iv' if key == 'observation_hours' else 'tjh'}; for {dataset} use data.{own}")
+            if value is not None and task == "readmission":
+                raise EAGRLInputError(
+                    f"data.{key}: readmission is predicted at discharge from the whole stay; an observation window applies to mortality only"
+                )
+        if readmission_level != "icu" and task != "readmission":
+            raise EAGRLInputError(f"data.readmission_level applies to task readmission, not {task!r}")
         if not 0.0 <= shuffle_fraction <= 1.0:
             raise EAGRLInputError(f"data.shuffle_fraction must be within [0, 1], got {shuffle_fraction}")
         if not predict_splits:
@@ -209,41 +241,75 @@ class EHRDataModule(L.LightningDataModule):
             raise EAGRLInputError(f"data.mimic_dir: MIMIC-IV folder {folder} does not exist (expected hosp/ and icu/ inside)")
         return folder
 
+    def _split_file(self) -> Path | None:
+        if self.hparams.split_file is None:
+            return None
+        path = Path(self.hparams.split_file).expanduser()
+        if not path.is_file():
+            raise EAGRLInputError(f"data.split_file: {path} does not exist (expected a CSV with columns id,patient,split)")
+        return path.resolve()
+
+    def _window(self) -> dict[str, Any]:
+        """The observation window of the cohort (empty: the whole stay)."""
+        hp = self.hparams
+        if hp.observation_hours is not None:
+            return {"observation_hours": float(hp.observation_hours), "from": "ICU intime"}
+        if hp.observation_days is not None:
+            return {"observation_days": int(hp.observation_days), "from": "the first record (day 1)"}
+        return {}
+
     def _options(self, source: Path) -> dict[str, Any]:
-        options: dict[str, Any] = {"source_dir": str(source.resolve()), "split": self.split}
+        options: dict[str, Any] = {"source_dir": str(source.resolve()), "split": self.split, **self._window()}
         if self.split == "stratified":
-            options.update(split_ratios=list(self.hparams.split_ratios), split_seed=self.hparams.split_seed, split_task=self.task)
+            options.update(split_ratios=list(self.hparams.split_ratios), split_seed=self.hparams.split_seed)
+        if self.split == "file":
+            options.update(split_file=str(self._split_file()))
         if self.dataset == "mimic_iv":
             options.update(max_steps=self.hparams.max_steps)  # chunk_size changes memory, not the result
+            if self.task == "readmission":
+                options.update(readmission_level=self.hparams.readmission_level)
         return options
 
-    def _build(self, source: Path) -> PreparedCohort:
+    def _build(self, source: Path, folder: Path) -> PreparedCohort:
+        """Read the whole cohort, split it (before exclusions), write ``split.csv``, drop the excluded samples."""
+        hp = self.hparams
         if self.dataset == "tjh":
-            raw = tjh.load_tjh(source)
+            raw = tjh.load_tjh(source, hp.observation_days)
         else:
-            raw = mimic_iv.load_mimic_iv(source, self.hparams.chunk_size, self.hparams.max_steps, self.hparams.progress)
+            level = hp.readmission_level if self.task == "readmission" else "icu"
+            raw = mimic_iv.load_mimic_iv(source, hp.chunk_size, hp.max_steps, hp.progress, hp.observation_hours, level)
         if raw.num_samples == 0:
             raise EAGRLInputError(f"{self.dataset}: the cohort is empty after filtering")
         if self.split == "published":
             split = tjh.published_split(source, raw)
-        else:
-            split = stratified_patient_split(
-                raw.patient_ids, raw.labels[self.task], tuple(self.hparams.split_ratios), self.hparams.split_seed
-            )
-        return prepare(raw, split, meta={"preprocess_version": PREPROCESS_VERSION})
+        elif self.split == "file":
+            split = tjh.read_split_file(self._split_file(), raw)
+        else:  # on mortality, whatever the task: one split for both MIMIC-IV tasks
+            split = stratified_patient_split(raw.patient_ids, raw.labels["mortality"], tuple(hp.split_ratios), hp.split_seed)
+        write_split_file(folder / "split.csv", raw, split)
+        kept = raw.kept
+        meta = {
+            "preprocess_version": PREPROCESS_VERSION,
+            "window": self._window(),
+            "before_exclusions": {name: int((split == name).sum()) for name in SPLITS},
+            "exclusions": exclusion_counts(raw, split),
+            "notes": raw.notes,
+        }
+        if not kept.any():
+            raise EAGRLInputError(f"{self.dataset}: every sample is excluded by the cohort rules ({meta['exclusions']})")
+        return prepare(raw.subset(kept), split[kept], meta=meta)
 
     def load_cohort(self) -> PreparedCohort:
         """Load the cached cohort, preprocessing first when the cache is missing or stale."""
         source = self._source_dir()
         sources = tjh.source_files(source) if self.dataset == "tjh" else mimic_iv.source_files(source)
+        sources += [p for p in [self._split_file()] if p is not None]
+        options, root = self._options(source), cache_dir(self.hparams.cache_dir)
+        folder = cache_folder(root, self.dataset, options)
         cohort, built = load_or_build(
-            self.dataset,
-            self._options(source),
-            sources,
-            lambda: self._build(source),
-            cache_dir(self.hparams.cache_dir),
-            rebuild=self.hparams.rebuild_cache,
+            self.dataset, options, sources, lambda: self._build(source, folder), root, rebuild=self.hparams.rebuild_cache
         )
+        self.split_file_written = folder / "split.csv" if (folder / "split.csv").is_file() else None
         log.info("%s cohort %s", self.dataset, "preprocessed and cached" if built else "loaded from cache")
         return cohort
 
@@ -318,12 +384,19 @@ class EHRDataModule(L.LightningDataModule):
 
     @property
     def system_prompt(self) -> str:
-        return system_prompt(self.dataset, self.task)
+        return system_prompt(self.dataset, self.question)
+
+    @property
+    def question(self) -> str:
+        """The key of the question the LLM is asked (``eagrl.data.text.TASK_QUESTIONS``)."""
+        return question_key(self.task, self.hparams.readmission_level)
 
     def summary(self) -> dict[str, Any]:
-        """Cohort sizes per split: what ``python -m eagrl summary`` prints."""
+        """Cohort sizes per split after the cohort rules, the exclusions by cause, the observation window and
+        what the reader changed: what ``python -m eagrl summary`` prints."""
         cohort = self.cohort or self.load_cohort()
-        raw, labels = cohort.raw, cohort.raw.labels[self.task]
+        raw, labels, meta = cohort.raw, cohort.raw.labels[self.task], cohort.meta
+        exclusions = meta.get("exclusions", {})
         splits = {}
         for split in SPLITS:
             members = cohort.split == split
@@ -331,13 +404,24 @@ class EHRDataModule(L.LightningDataModule):
                 "patients": int(len(np.unique(raw.patient_ids[members]))),
                 "samples": int(members.sum()),
                 "positives": int(labels[members].sum()),
+                "before_exclusions": meta.get("before_exclusions", {}).get(split),
+                "excluded": exclusions.get(split, {}),
             }
-        return {
+        by_cause: dict[str, int] = {}
+        for per_split in exclusions.values():
+            for cause, n in per_split.items():
+                by_cause[cause] = by_cause.get(cause, 0) + n
+        out = {
             "dataset": self.dataset,
             "task": self.task,
+            "observation_window": meta.get("window") or "the whole stay",
             "features": len(raw.features),
             "feature_names": raw.feature_names,
             "splits": splits,
+            "excluded_by_cause": by_cause,
+            **meta.get("notes", {}),
+            "split_file": str(getattr(self, "split_file_written", None) or "not written (rebuild the cache)"),
         }
-
-
+        if self.dataset == "mimic_iv" and self.task == "readmission":
+            out["readmission_level"] = self.hparams.readmission_level
+        return out

@@ -8,6 +8,7 @@ than its inputs and configs is skipped, so rerunning the command after an interr
 first unfinished stage. In order, per dataset (TJH mortality, MIMIC-IV mortality, MIMIC-IV readmission):
 
  1. ``concare``      the expert (fit, then test) -> ``expert_attention.jsonl``      (CPU: ~1 min TJH, ~15 s MIMIC)
+    ``concare_window``  the same under the observation window (mortality: TJH's first 2 days, MIMIC-IV's 48 h)
  2. ``prompting_*``  Vanilla, Think-then-Answer, Question Decomposition on the test patients -> ``metrics.json``,
                      ``generations.jsonl``                                      (CPU: ~1-2 min TJH, ~20 s MIMIC)
  3. ``distill``      stage 1's MCTS over train patients (predict) -> ``trajectories.jsonl``   (CPU: ~2 min / ~40 s)
@@ -16,8 +17,8 @@ first unfinished stage. In order, per dataset (TJH mortality, MIMIC-IV mortality
                      -> ``model/merged``, ``metrics.json``, RL curves in ``logs/``          (CPU: ~2 min / ~55 s each)
 
 then, on TJH, the ablations (``rl_no_stage1`` from the base model, ``rl_no_att``, ``rl_no_entropy``; "without
-stage 2" is the SFT run; ~2 min each), the robustness study (ConCare, the base LLM and EAG-RL re-tested with
-20/40/60/100% of the feature order shuffled: ``robust/<method>_<percent>``; ~10 s / ~50 s each), the
+stage 2" is the SFT run; ~2 min each), the robustness study (the base LLM and EAG-RL re-tested with 20/40/60/100% of
+the feature order of the text shuffled: ``robust/<method>_<percent>``; ~50 s each; ConCare is order-invariant), the
 cross-dataset study (the MIMIC-IV mortality models tested on TJH: ``cross/<method>``; ~50 s each), and
 finally the report (``results/results.md``, ``results.json`` and the plots; ``eagrl.evaluation.report``).
 Measured on 2 CPU cores: the whole CPU profile in 56.7 min (an upper bound: see the README).
@@ -119,6 +120,14 @@ class Plan:
             ["fit", *self._config(folder, concare_config), "--trainer.default_root_dir", str(concare)],
             [expert, concare / "metrics.json"], [],
         )  # fmt: skip
+        if task != "readmission":  # ConCare under the observation window, beside the whole stay (readmission: whole stay)
+            window = runs / f"concare_window{suffix}"
+            overlay = ["--config", "configs/windows/tjh_2days.yaml" if folder == "tjh" else "configs/windows/mimic_iv_48h.yaml"]
+            self._add(
+                f"{key}/concare_window",
+                ["fit", *self._config(folder, concare_config), *overlay, "--trainer.default_root_dir", str(window)],
+                [window / "metrics.json"], [],
+            )  # fmt: skip
         for style in STYLES:
             run = runs / f"prompting_{style}{suffix}"
             self._add(
@@ -173,15 +182,8 @@ class Plan:
     def _robustness(self) -> None:
         runs = self.runs / "tjh"
         expert = runs / "concare" / "expert_attention.jsonl"
-        best = runs / "concare" / "checkpoints" / "best.ckpt"
-        for percent in SHUFFLED:
+        for percent in SHUFFLED:  # the LLMs only: ConCare is order-invariant by construction (one GRU per feature)
             shuffle = ["--data.init_args.shuffle_fraction", str(percent / 100)]
-            run = runs / "robust" / f"concare_{percent}"
-            self._add(
-                f"tjh/robust/concare_{percent}",
-                ["test", *self._config("tjh", "concare"), "--ckpt_path", str(best), *shuffle, "--trainer.default_root_dir", str(run)],
-                [run / "metrics.json"], [best],
-            )  # fmt: skip
             with_expert = [*shuffle, "--model.init_args.expert_attention", str(expert)]
             self._test_with(f"tjh/robust/prompting_decomposition_{percent}", "tjh", "prompting_decomposition", None, [expert],
                             runs / "robust" / f"prompting_decomposition_{percent}", with_expert)  # fmt: skip

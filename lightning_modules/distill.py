@@ -22,6 +22,7 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from eagrl.data.expert import load_expert_attention
+from eagrl.errors import EAGRLInputError
 from eagrl.llm.parsing import FeatureMatcher
 from eagrl.mcts.policy import LLMPolicy, PolicySampling
 from eagrl.mcts.search import Patient, SearchConfig, search
@@ -132,6 +133,11 @@ class DistillModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         if datamodule.cohort is None:
             datamodule.setup(stage)
+        if "test" in datamodule.hparams.predict_splits:
+            raise EAGRLInputError(
+                "data.init_args.predict_splits: distillation reads each patient's label to reward its search, so it "
+                f"must never search test patients; got {list(datamodule.hparams.predict_splits)} (use [train, val])"
+            )
         names = datamodule.cohort.raw.feature_names
         ids = [i for split in datamodule.hparams.predict_splits for i in datamodule.datasets[split].ids]
         self.expert = load_expert_attention(self.hparams.expert_attention, names, ids, self.hparams.top_k)  # before the model
@@ -144,7 +150,7 @@ class DistillModule(L.LightningModule):
         longest = max(self.sampling.subquestion.max_new_tokens + self.sampling.answer.max_new_tokens, self.sampling.final.max_new_tokens)
         limit = context_length(self.llm, self.backbone_options) - self.search_config.max_depth * longest
         self.fit_prompt = PromptFitter(
-            self.tokenizer, limit, datamodule.dataset, datamodule.task, "decomposition", self.hparams.max_subquestions, self.hparams.truncate_visits
+            self.tokenizer, limit, datamodule.dataset, datamodule.question, "decomposition", self.hparams.max_subquestions, self.hparams.truncate_visits
         )
 
     def _writer(self) -> Optional[TrajectoryWriter]:

@@ -100,7 +100,7 @@ class AnswerEvaluator(L.LightningModule):
         style = self.hparams["style"] if "style" in self.hparams else self.style  # a baseline's argument, else the class's
         limit = context_length(self.llm, self.backbone_options) - (max_new_tokens or self.sampling.max_new_tokens)
         self.fit_prompt = PromptFitter(
-            self.tokenizer, limit, datamodule.dataset, datamodule.task, style, self.hparams.max_subquestions, self.hparams.truncate_visits
+            self.tokenizer, limit, datamodule.dataset, datamodule.question, style, self.hparams.max_subquestions, self.hparams.truncate_visits
         )
 
     def on_test_epoch_start(self) -> None:

@@ -29,6 +29,8 @@ class RawCohort:
     values: np.ndarray  # [R, F] float32, NaN = not measured that day
     days: np.ndarray  # [R] int32, day of stay, 1 = first day with a record
     labels: dict[str, np.ndarray]  # task -> [N] int8 in {0, 1}
+    exclusion: np.ndarray | None = None  # [N] str: why a sample leaves the cohort ("" = kept); None: all kept
+    notes: dict = field(default_factory=dict)  # what the reader did (rows dropped, values made missing), JSON-able
 
     @property
     def num_samples(self) -> int:
@@ -40,6 +42,30 @@ class RawCohort:
 
     def rows(self, i: int) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    @property
+    def kept(self) -> np.ndarray:
+        """[N] bool: the samples no cohort rule excludes."""
+        return np.ones(self.num_samples, bool) if self.exclusion is None else self.exclusion == ""
+
+    def subset(self, keep: np.ndarray) -> "RawCohort":
+        """The samples where ``keep`` [N] bool is True, with their rows, in the same order."""
+        counts = np.diff(self.offsets)  # [N]
+        row_keep = np.repeat(keep, counts)  # [R]
+        offsets = np.zeros(int(keep.sum()) + 1, np.int64)
+        offsets[1:] = np.cumsum(counts[keep])
+        return RawCohort(
+            dataset=self.dataset,
+            features=self.features,
+            sample_ids=self.sample_ids[keep],
+            patient_ids=self.patient_ids[keep],
+            offsets=offsets,
+            values=self.values[row_keep],
+            days=self.days[row_keep],
+            labels={task: y[keep] for task, y in self.labels.items()},
+            exclusion=None if self.exclusion is None else self.exclusion[keep],
+            notes=self.notes,
+        )
 
 
 @dataclass

@@ -65,7 +65,7 @@ TJH_LABS: tuple[tuple[str, str, str], ...] = (
     ("Interleukin 1β", "pg/mL", "< 5"),
     ("Urea", "mmol/L", "2.8-7.6"),
     ("lymphocyte count", "x10^9/L", "1.1-3.2"),
-    ("PH value", "", "7.35-7.45"),
+    ("PH value", "", ""),  # mixed urine dipstick and blood values: no range applies (TJH_DISPLAY_NAMES)
     ("Red blood cell count", "x10^12/L", "men 4.3-5.8, women 3.8-5.1"),
     ("Eosinophil count", "x10^9/L", "0.02-0.52"),
     ("Corrected calcium", "mmol/L", "2.15-2.55"),
@@ -108,8 +108,14 @@ TJH_LABS: tuple[tuple[str, str, str], ...] = (
     ("creatinine", "µmol/L", "men 59-104, women 45-84"),
 )
 TJH_DROPPED_COLUMNS = ("2019-nCoV nucleic acid detection",)
+# Columns shown under another name. "PH value" mixes urine dipstick steps (5.0, 5.5, 6.0, ...) with blood
+# values (244 of 384 values are below 7.0): a blood label and range would tell the LLM that a urine pH of 6
+# is severe acidaemia, so it is named for what it is and gets no normal range.
+TJH_DISPLAY_NAMES = {"PH value": "pH (urine or blood sample, source not recorded)"}
 
-TJH_FEATURES: tuple[FeatureSpec, ...] = DEMOGRAPHICS + tuple(FeatureSpec(n, u, r) for n, u, r in TJH_LABS)
+TJH_FEATURES: tuple[FeatureSpec, ...] = DEMOGRAPHICS + tuple(
+    FeatureSpec(TJH_DISPLAY_NAMES.get(n, n), u, r) for n, u, r in TJH_LABS
+)
 
 
 @dataclass(frozen=True)
@@ -118,33 +124,35 @@ class ChartVariable:
 
     spec: FeatureSpec
     itemids: tuple[int, ...]
+    plausible: tuple[float, float]
+    """Physiologically possible values (inclusive, in ``spec.unit`` after conversion); others become missing."""
     convert: tuple[tuple[int, str], ...] = ()
     """(itemid, conversion) pairs: 'f_to_c', 'inch_to_cm', 'lbs_to_kg', 'percent_to_fraction'."""
 
 
-def _cv(name: str, unit: str, normal: str, itemids: tuple[int, ...], convert=(), binary: bool = False) -> ChartVariable:
-    return ChartVariable(FeatureSpec(name, unit, normal, binary=binary), itemids, tuple(convert))
+def _cv(name, unit, normal, itemids, plausible, convert=(), binary=False) -> ChartVariable:
+    return ChartVariable(FeatureSpec(name, unit, normal, binary=binary), tuple(itemids), tuple(plausible), tuple(convert))
 
 
 # The 17 mimic3-benchmark clinical variables (METHOD.md §1). GCS total is derived from its components.
-MIMIC_VARIABLES: tuple[ChartVariable, ...] = (
-    _cv("Capillary refill rate", "", "0 normal (<3 s), 1 abnormal", (223951, 224308), binary=True),
-    _cv("Diastolic blood pressure", "mmHg", "60-80", (220051, 220180, 224643, 225310)),
-    _cv("Fraction inspired oxygen", "fraction", "0.21 on room air", (223835,), [(223835, "percent_to_fraction")]),
-    _cv("Glasgow coma scale eye opening", "points", "4", (220739,)),
-    _cv("Glasgow coma scale motor response", "points", "6", (223901,)),
-    _cv("Glasgow coma scale total", "points", "15", ()),
-    _cv("Glasgow coma scale verbal response", "points", "5", (223900,)),
-    _cv("Glucose", "mg/dL", "70-140", (220621, 225664, 226537)),
-    _cv("Heart rate", "bpm", "60-100", (220045,)),
-    _cv("Height", "cm", "", (226707, 226730), [(226707, "inch_to_cm")]),
-    _cv("Mean blood pressure", "mmHg", "70-100", (220052, 220181, 224322, 225312)),
-    _cv("Oxygen saturation", "%", "95-100", (220227, 220277)),
-    _cv("Respiratory rate", "breaths/min", "12-20", (220210, 224422, 224689, 224690)),
-    _cv("Systolic blood pressure", "mmHg", "90-120", (220050, 220179, 224167, 225309, 227243)),
-    _cv("Temperature", "°C", "36.1-37.2", (223761, 223762), [(223761, "f_to_c")]),
-    _cv("Weight", "kg", "", (226512, 226531), [(226531, "lbs_to_kg")]),
-    _cv("pH", "", "7.35-7.45", (220274, 223830)),
+MIMIC_VARIABLES: tuple[ChartVariable, ...] = (  # [ours] plausibility ranges: wide physiological limits
+    _cv("Capillary refill rate", "", "0 normal (<3 s), 1 abnormal", (223951, 224308), (0, 1), binary=True),
+    _cv("Diastolic blood pressure", "mmHg", "60-80", (220051, 220180, 224643, 225310), (0, 300)),
+    _cv("Fraction inspired oxygen", "fraction", "0.21 on room air", (223835,), (0.2, 1.0), [(223835, "percent_to_fraction")]),
+    _cv("Glasgow coma scale eye opening", "points", "4", (220739,), (1, 4)),
+    _cv("Glasgow coma scale motor response", "points", "6", (223901,), (1, 6)),
+    _cv("Glasgow coma scale total", "points", "15", (), (3, 15)),
+    _cv("Glasgow coma scale verbal response", "points", "5", (223900,), (1, 5)),
+    _cv("Glucose", "mg/dL", "70-140", (220621, 225664, 226537), (1, 2000)),
+    _cv("Heart rate", "bpm", "60-100", (220045,), (0, 350)),
+    _cv("Height", "cm", "", (226707, 226730), (50, 250), [(226707, "inch_to_cm")]),
+    _cv("Mean blood pressure", "mmHg", "70-100", (220052, 220181, 224322, 225312), (0, 330)),
+    _cv("Oxygen saturation", "%", "95-100", (220227, 220277), (0, 100)),
+    _cv("Respiratory rate", "breaths/min", "12-20", (220210, 224422, 224689, 224690), (0, 150)),
+    _cv("Systolic blood pressure", "mmHg", "90-120", (220050, 220179, 224167, 225309, 227243), (0, 400)),
+    _cv("Temperature", "°C", "36.1-37.2", (223761, 223762), (25, 45), [(223761, "f_to_c")]),
+    _cv("Weight", "kg", "", (226512, 226531), (20, 400), [(226531, "lbs_to_kg")]),
+    _cv("pH", "", "7.35-7.45", (220274, 223830), (6.3, 8.4)),
 )
 GCS_COMPONENTS = (
     "Glasgow coma scale eye opening",
@@ -152,7 +160,16 @@ GCS_COMPONENTS = (
     "Glasgow coma scale verbal response",
 )
 GCS_TOTAL = "Glasgow coma scale total"
-CAPILLARY_REFILL_TEXT = {"normal <3 secs": 0.0, "abnormal >3 secs": 1.0, "brisk": 0.0, "delayed": 1.0}
+# Capillary refill is charted as text: CareVue spellings (MIMIC-III, the demo) and MetaVision's (full MIMIC-IV),
+# matched lower-cased and stripped.
+CAPILLARY_REFILL_TEXT = {
+    "normal <3 secs": 0.0,
+    "abnormal >3 secs": 1.0,
+    "normal <3 seconds": 0.0,
+    "abnormal >3 seconds": 1.0,
+    "brisk": 0.0,
+    "delayed": 1.0,
+}
 
 MIMIC_FEATURES: tuple[FeatureSpec, ...] = DEMOGRAPHICS + tuple(v.spec for v in MIMIC_VARIABLES)
 

@@ -7,11 +7,23 @@ chunks of ``chunk_size`` rows, only the needed columns and itemids, and every ch
 value per (stay, day, variable) at once, so peak memory follows the chunk size and the number of
 stay-days, never the ~400 million rows of the full table.
 
-Labels: in-hospital mortality = death (``deathtime``, or ``dod``) within [admittime, dischtime];
-30-day readmission = the patient's next ICU stay starts within 30 days of this stay's ICU discharge,
-or the patient dies after the day of ICU discharge and within 30 days of it (the paper's prompt says
-readmission "including mortality cases"). On the demo this gives 27 of 140 stays (19.3%), the figure
-in METHOD.md.
+Labels (the README's data section states them with the cohort rules):
+
+- in-hospital mortality = death (``deathtime``, or ``dod``) within [admittime, dischtime];
+- 30-day readmission, ICU level (the group's definition, the default): the patient's next ICU stay starts
+  within 30 days of this stay's ``outtime`` (a return to the ICU within the same hospital admission
+  counts), or the patient dies between this stay's ``intime`` and 30 days after its ``outtime``
+  (``deathtime``, else ``dod`` by date): readmission "including mortality", so a death in the ICU is a
+  positive. On the demo: 39 of 140 stays;
+- 30-day readmission, hospital level (``readmission_level="hospital"``): the patient's next hospital
+  admission starts within 30 days of this admission's ``dischtime``; stays whose patient died in hospital
+  leave the cohort (counted).
+
+Cohort rules: values outside a variable's physiological range (``ChartVariable.plausible``) become
+missing and are counted per variable; with ``observation_hours``, only events with ``charttime`` <
+``intime`` + hours are read, and stays that end before the window closes (death, or ICU discharge) leave
+the cohort; stays with no charted value (in the window) leave it too. Excluded stays stay in the returned
+cohort with no rows and their reason in ``exclusion``, so the split can be made before the exclusions.
 """
 
 from __future__ import annotations
@@ -40,7 +52,16 @@ READMISSION_DAYS = 30
 _DYNAMIC = [f.name for f in MIMIC_FEATURES if not f.demographic]
 _ITEM_TO_FEATURE = {item: v.spec.name for v in MIMIC_VARIABLES for item in v.itemids}
 _CONVERSIONS = {item: how for v in MIMIC_VARIABLES for item, how in v.convert}
+_PLAUSIBLE = {v.spec.name: v.plausible for v in MIMIC_VARIABLES}
+_CHARTED = [v.spec.name for v in MIMIC_VARIABLES if v.itemids]  # GCS total is derived from charted components
 _CAPILLARY = "Capillary refill rate"
+
+# Why a stay leaves the cohort (the values of RawCohort.exclusion).
+DIED_IN_HOSPITAL = "died in hospital (hospital-level readmission)"
+DIED_IN_WINDOW = "died before the observation window closed"
+LEFT_IN_WINDOW = "left the ICU before the observation window closed"
+NO_VALUE = "no charted value"
+NO_VALUE_IN_WINDOW = "no charted value in the observation window"
 
 
 def source_files(data_dir: Path) -> list[Path]:
@@ -89,8 +110,27 @@ def _reduce_daily(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop_duplicates(["stay_id", "date", "feature"], keep="last")
 
 
-def read_chartevents(path: Path, stay_ids: set[int], chunk_size: int, progress: bool = True) -> pd.DataFrame:
-    """Daily last value per (stay_id, date, feature) from chartevents, read chunk by chunk."""
+def _implausible(feature: pd.Series, value: pd.Series) -> pd.Series:
+    """[n] bool: a value outside its variable's physiological range."""
+    low = feature.map(lambda f: _PLAUSIBLE[f][0]).astype("float64")
+    high = feature.map(lambda f: _PLAUSIBLE[f][1]).astype("float64")
+    return value.notna() & ((value < low) | (value > high))
+
+
+def read_chartevents(
+    path: Path,
+    stay_ids: set[int],
+    chunk_size: int,
+    progress: bool = True,
+    window_end: pd.Series | None = None,
+    implausible: dict[str, int] | None = None,
+) -> pd.DataFrame:
+    """Daily last value per (stay_id, date, feature) from chartevents, read chunk by chunk.
+
+    ``window_end``: stay_id -> the end of its observation window; later events are dropped before the daily
+    reduction. Values outside their variable's plausible range become missing (an earlier value of the
+    day then counts) and are counted per variable into ``implausible``.
+    """
     columns = ["stay_id", "charttime", "itemid", "value", "valuenum"]
     _read_csv(path, columns, "MIMIC-IV chartevents", nrows=0)
     reader = pd.read_csv(
@@ -113,6 +153,15 @@ def read_chartevents(path: Path, stay_ids: set[int], chunk_size: int, progress: 
             value = value.where(~cap, text.astype("float64"))
         value = _convert(chunk["itemid"], value)
         charttime = pd.to_datetime(chunk["charttime"], errors="coerce")
+        if window_end is not None:
+            inside = charttime < chunk["stay_id"].astype("int64").map(window_end)
+            chunk, feature, value, charttime = chunk[inside], feature[inside], value[inside], charttime[inside]
+        bad = _implausible(feature, value)
+        if bad.any():
+            if implausible is not None:
+                for name, n in feature[bad].value_counts().items():
+                    implausible[name] = implausible.get(name, 0) + int(n)
+            value = value.mask(bad)
         reduced = pd.DataFrame(
             {
                 "stay_id": chunk["stay_id"].astype("int64"),
@@ -131,30 +180,68 @@ def read_chartevents(path: Path, stay_ids: set[int], chunk_size: int, progress: 
 
 
 def _labels(stays: pd.DataFrame, admissions: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
-    stays = stays.merge(admissions, on=["subject_id", "hadm_id"], how="left").merge(
-        patients, on="subject_id", how="left"
-    )
-    death_time = stays["deathtime"]
+    """Add ``mortality``, ``readmission`` (ICU level) and ``readmission_hospital`` to every stay (see the module docstring)."""
+    admissions = admissions.sort_values(["subject_id", "admittime"])
+    admissions["next_admittime"] = admissions.groupby("subject_id")["admittime"].shift(-1)
+    stays = stays.merge(admissions, on=["subject_id", "hadm_id"], how="left").merge(patients, on="subject_id", how="left")
+    death_time, dod = stays["deathtime"], stays["dod"]
     by_time = death_time.notna() & (death_time >= stays["admittime"]) & (death_time <= stays["dischtime"])
-    dod = stays["dod"]
     by_date = dod.notna() & (dod >= stays["admittime"].dt.normalize()) & (dod <= stays["dischtime"].dt.normalize())
     stays["mortality"] = (by_time | by_date).astype(np.int8)
 
-    stays = stays.sort_values(["subject_id", "intime"])
-    next_in = stays.groupby("subject_id")["intime"].shift(-1)
     window = pd.Timedelta(days=READMISSION_DAYS)
+    stays = stays.sort_values(["subject_id", "intime"])
+    death_time, dod = stays["deathtime"], stays["dod"]
+    next_in = stays.groupby("subject_id")["intime"].shift(-1)
     readmitted = next_in.notna() & (next_in - stays["outtime"] <= window)
-    dod, out_day = stays["dod"], stays["outtime"].dt.normalize()
-    died = dod.notna() & (dod > out_day) & (dod <= out_day + window)
-    stays["readmission"] = (readmitted | died).astype(np.int8)
+    window_end = stays["outtime"] + window
+    died = death_time.notna() & (death_time >= stays["intime"]) & (death_time <= window_end)
+    died_by_date = death_time.isna() & dod.notna() & (dod >= stays["intime"].dt.normalize()) & (dod <= window_end.dt.normalize())
+    stays["readmission"] = (readmitted | died | died_by_date).astype(np.int8)
+
+    next_admission = stays["next_admittime"]
+    stays["readmission_hospital"] = (next_admission.notna() & (next_admission - stays["dischtime"] <= window)).astype(np.int8)
     return stays
 
 
-def load_mimic_iv(data_dir: Path, chunk_size: int = 1_000_000, max_steps: int = 8, progress: bool = True) -> RawCohort:
+def _exclusions(stays: pd.DataFrame, has_value: np.ndarray, observation_hours: float | None, readmission_level: str) -> np.ndarray:
+    """[N] str: the first rule that excludes each stay ("" = kept), in the order the README lists them."""
+    reason = np.full(len(stays), "", dtype=object)
+
+    def mark(rule: np.ndarray, why: str) -> None:
+        reason[(reason == "") & rule] = why
+
+    if readmission_level == "hospital":
+        mark(stays["mortality"].to_numpy() == 1, DIED_IN_HOSPITAL)
+    if observation_hours is not None:
+        end = stays["intime"] + pd.Timedelta(hours=observation_hours)
+        death = stays["deathtime"].fillna(stays["dod"])  # dod: midnight of the day of death
+        mark((death.notna() & (death < end)).to_numpy(), DIED_IN_WINDOW)
+        mark((stays["outtime"] < end).to_numpy(), LEFT_IN_WINDOW)
+    mark(~has_value, NO_VALUE if observation_hours is None else NO_VALUE_IN_WINDOW)
+    return reason.astype(str)
+
+
+def load_mimic_iv(
+    data_dir: Path,
+    chunk_size: int = 1_000_000,
+    max_steps: int = 8,
+    progress: bool = True,
+    observation_hours: float | None = None,
+    readmission_level: str = "icu",
+) -> RawCohort:
+    """Every ICU stay of ``data_dir`` (excluded ones with no rows and their reason; see the module docstring).
+
+    ``labels["readmission"]`` follows ``readmission_level`` (``icu`` or ``hospital``).
+    """
     if chunk_size <= 0:
         raise EAGRLInputError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     if max_steps <= 0:
         raise EAGRLInputError(f"max_steps must be a positive number of days, got {max_steps}")
+    if observation_hours is not None and observation_hours <= 0:
+        raise EAGRLInputError(f"observation_hours must be a positive number of hours, got {observation_hours}")
+    if readmission_level not in ("icu", "hospital"):
+        raise EAGRLInputError(f"readmission_level must be 'icu' or 'hospital', got {readmission_level!r}")
     stays_path, adm_path, pat_path = data_dir / ICUSTAYS, data_dir / ADMISSIONS, data_dir / PATIENTS
     stays = _read_csv(stays_path, ["subject_id", "hadm_id", "stay_id", "intime", "outtime"], "MIMIC-IV icustays")
     _dates(stays, ["intime", "outtime"], stays_path)
@@ -171,7 +258,12 @@ def load_mimic_iv(data_dir: Path, chunk_size: int = 1_000_000, max_steps: int = 
     if stays["gender"].isna().any():
         raise EAGRLInputError(f"{pat_path}: {int(stays['gender'].isna().sum())} ICU stay(s) have no patient row")
 
-    events = read_chartevents(data_dir / CHARTEVENTS, set(stays["stay_id"].astype("int64")), chunk_size, progress)
+    stay_ids = stays["stay_id"].astype("int64")
+    window_end = None
+    if observation_hours is not None:
+        window_end = pd.Series((stays["intime"] + pd.Timedelta(hours=observation_hours)).to_numpy(), index=stay_ids.to_numpy())
+    implausible: dict[str, int] = {}
+    events = read_chartevents(data_dir / CHARTEVENTS, set(stay_ids), chunk_size, progress, window_end, implausible)
     events = events.merge(stays[["stay_id", "intime"]], on="stay_id")
     events["day"] = (events["date"] - events["intime"].dt.normalize()).dt.days.astype("int64") + 1
     # collapse every day up to the max_steps-th-from-last observed day into that day
@@ -182,31 +274,28 @@ def load_mimic_iv(data_dir: Path, chunk_size: int = 1_000_000, max_steps: int = 
     events["day"] = np.where(floor.notna() & (events["day"] < floor), floor, events["day"]).astype("int64")
     events = events.sort_values("charttime", kind="stable").drop_duplicates(["stay_id", "day", "feature"], keep="last")
     wide = events.pivot_table(index=["stay_id", "day"], columns="feature", values="value", aggfunc="last")
-    wide = wide.reindex(columns=_DYNAMIC)
+    wide = wide.reindex(columns=_DYNAMIC).sort_index()
     gcs = wide[list(GCS_COMPONENTS)]
     wide[GCS_TOTAL] = gcs.sum(axis=1, min_count=len(GCS_COMPONENTS))
 
-    # stays without any charted value keep one all-missing day so every stay is a sample
-    all_days = pd.MultiIndex.from_frame(wide.index.to_frame(index=False))
-    empty = sorted(set(stays["stay_id"]) - set(wide.index.get_level_values(0)))
-    if empty:
-        all_days = all_days.append(pd.MultiIndex.from_arrays([empty, [1] * len(empty)], names=["stay_id", "day"]))
-    wide = wide.reindex(all_days).sort_index()
-
-    counts = wide.groupby(level=0).size().reindex(stays["stay_id"]).to_numpy()
+    counts = wide.groupby(level=0).size().reindex(stay_ids).fillna(0).to_numpy(np.int64)  # 0: no charted value
+    exclusion = _exclusions(stays, counts > 0, observation_hours, readmission_level)
     offsets = np.zeros(len(stays) + 1, np.int64)
     offsets[1:] = np.cumsum(counts)
     sex = (stays["gender"].astype(str).str.upper() == "M").to_numpy(np.float32)
     age = (stays["anchor_age"] + (stays["admittime"].dt.year - stays["anchor_year"])).to_numpy(np.float32)
     demo = np.repeat(np.stack([sex, age], axis=1), counts, axis=0)
     values = np.concatenate([demo, wide.to_numpy(np.float32)], axis=1)
+    readmission = stays["readmission_hospital" if readmission_level == "hospital" else "readmission"]
     return RawCohort(
         dataset="mimic_iv",
         features=MIMIC_FEATURES,
-        sample_ids=stays["stay_id"].astype("int64").astype(str).to_numpy(),
+        sample_ids=stay_ids.astype(str).to_numpy(),
         patient_ids=stays["subject_id"].astype("int64").astype(str).to_numpy(),
         offsets=offsets,
         values=values,
         days=wide.index.get_level_values(1).to_numpy(np.int32),
-        labels={"mortality": stays["mortality"].to_numpy(np.int8), "readmission": stays["readmission"].to_numpy(np.int8)},
+        labels={"mortality": stays["mortality"].to_numpy(np.int8), "readmission": readmission.to_numpy(np.int8)},
+        exclusion=exclusion,
+        notes={"implausible_values": {name: implausible.get(name, 0) for name in _CHARTED}},
     )

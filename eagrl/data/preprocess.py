@@ -26,9 +26,9 @@ import numpy as np
 from eagrl.data.cohort import SPLITS, NormStats, PreparedCohort, RawCohort
 from eagrl.data.features import DATASET_FEATURES, FeatureSpec
 from eagrl.errors import EAGRLInputError
-from eagrl.io import atomic_path, sha256_file, write_json_atomic
+from eagrl.io import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: cohort rules (labels, post-discharge rows, windows, exclusions, plausibility)
 _FULL_HASH_LIMIT = 512 * 1024 * 1024  # files larger than this are fingerprinted by size and mtime
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,23 @@ def stratified_patient_split(
         for name, part in zip(SPLITS, np.split(members, cuts)):
             patient_split[part] = name
     return patient_split[inverse].astype(str)
+
+
+def exclusion_counts(raw: RawCohort, split: np.ndarray) -> dict[str, dict[str, int]]:
+    """``{split: {reason: samples}}`` of the samples a cohort rule excludes (``raw.exclusion``), per split."""
+    counts: dict[str, dict[str, int]] = {name: {} for name in SPLITS}
+    if raw.exclusion is None:
+        return counts
+    for name in SPLITS:
+        reasons, n = np.unique(raw.exclusion[(split == name) & ~raw.kept], return_counts=True)
+        counts[name] = {str(r): int(k) for r, k in zip(reasons, n)}
+    return counts
+
+
+def write_split_file(path: Path, raw: RawCohort, split: np.ndarray) -> None:
+    """``id,patient,split`` of every sample (excluded ones too), readable back as ``split_file``."""
+    lines = ["id,patient,split"] + [f"{i},{p},{s}" for i, p, s in zip(raw.sample_ids, raw.patient_ids, split)]
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------- normalise / impute
@@ -220,9 +237,11 @@ def cache_folder(cache_root: Path, dataset: str, options: dict[str, Any]) -> Pat
 __all__ = [
     "PREPROCESS_VERSION",
     "cache_folder",
+    "exclusion_counts",
     "impute_forward_then_fill",
     "load_or_build",
     "prepare",
     "stratified_patient_split",
     "train_statistics",
+    "write_split_file",
 ]

@@ -28,13 +28,23 @@ PERSONAS = {
 TASK_QUESTIONS = {
     "mortality": "What is the probability that this patient dies before leaving hospital (in-hospital mortality)?",
     "readmission": (
-        "What is the probability that this patient is readmitted to the ICU within 30 days of discharge, "
-        "including death within 30 days?"
+        "What is the probability that this patient is readmitted to the ICU within 30 days of leaving it, "
+        "including death during this ICU stay or within 30 days after it?"
+    ),
+    "readmission_hospital": (  # readmission_level: hospital (in-hospital deaths are not in that cohort)
+        "The patient survives this hospital admission. What is the probability that this patient is admitted to "
+        "hospital again within 30 days of discharge?"
     ),
 }
 
 
+def question_key(task: str, readmission_level: str = "icu") -> str:
+    """The ``TASK_QUESTIONS`` key of a task (readmission: at the ICU or the hospital level)."""
+    return "readmission_hospital" if task == "readmission" and readmission_level == "hospital" else task
+
+
 def system_prompt(dataset: str, task: str) -> str:
+    """The persona and the question; ``task`` is a ``TASK_QUESTIONS`` key (see ``question_key``)."""
     if dataset not in PERSONAS:
         raise EAGRLInputError(f"unknown dataset {dataset!r}: expected one of {sorted(PERSONAS)}")
     if task not in TASK_QUESTIONS:

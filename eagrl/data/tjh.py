@@ -3,6 +3,12 @@
 Follows METHOD.md §1: forward-fill ``PATIENT_ID``; drop rows without ``RE_DATE`` (361 patients
 remain); daily means per patient; 73 labs plus Sex (1 male, 0 female) and Age; mortality label.
 Day 1 is the patient's first recorded day.
+
+Cohort rules (the README's data section): rows whose ``RE_DATE`` date is after the ``Discharge time`` date
+(discharge or death) are dropped (counted), and a patient left with no row is excluded; with
+``observation_days`` N, only rows before the first record's date + N days are read, and a patient whose
+stay ends (``Discharge time``) before then is excluded. Excluded patients stay in the returned cohort with
+no rows and their reason in ``exclusion``, so the split file is checked against the whole cohort.
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ from eagrl.paths import require_file
 RAW_FILE = "tjh/raw/time_series_375_prerpocess_en.xlsx"
 SPLIT_FILE = "tjh/splits/tjh_clinicrealm_split_ids.csv"
 ID, DATE, AGE, GENDER, OUTCOME = "PATIENT_ID", "RE_DATE", "age", "gender", "outcome"
+DISCHARGE = "Discharge time"
+PUBLISHED_COUNTS = {"train": 140, "val": 21, "test": 200}
+
+# Why a patient leaves the cohort (the values of RawCohort.exclusion).
+ALL_AFTER_DISCHARGE = "every record after discharge"
+DIED_IN_WINDOW = "died before the observation window closed"
+DISCHARGED_IN_WINDOW = "discharged alive before the observation window closed"
 
 
 def source_files(data_dir: Path) -> list[Path]:
@@ -52,8 +65,22 @@ def _numeric(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
     return values
 
 
-def load_tjh(data_dir: Path) -> RawCohort:
-    path = data_dir / RAW_FILE
+def _discharge(frame: pd.DataFrame, path: Path) -> pd.Series | None:
+    """Per-row discharge (or death) time, or None when the file has no such column."""
+    if DISCHARGE not in frame.columns:
+        return None
+    parsed = pd.to_datetime(frame[DISCHARGE], errors="coerce")
+    bad = parsed.isna() & frame[DISCHARGE].notna()
+    if bad.any():
+        raise EAGRLInputError(f"{path}: column {DISCHARGE!r} must hold dates, found {frame.loc[bad, DISCHARGE].iloc[0]!r}")
+    return parsed.groupby(frame[ID]).transform("first")
+
+
+def load_tjh(data_dir: Path, observation_days: int | None = None, raw_file: str = RAW_FILE) -> RawCohort:
+    """Every patient with a dated record (excluded ones with no rows and their reason; see the module docstring)."""
+    if observation_days is not None and observation_days <= 0:
+        raise EAGRLInputError(f"observation_days must be a positive number of days, got {observation_days}")
+    path = data_dir / raw_file
     frame = read_table(path)
     frame[ID] = frame[ID].ffill()
     frame[DATE] = pd.to_datetime(frame[DATE], errors="coerce")
@@ -66,22 +93,42 @@ def load_tjh(data_dir: Path) -> RawCohort:
     outcome = frame.groupby(ID)[OUTCOME].first()
     if not outcome.isin([0, 1]).all():
         raise EAGRLInputError(f"{path}: column {OUTCOME!r} must hold 0/1, found {sorted(outcome.unique())[:5]}")
+    per_patient = frame.groupby(ID).agg(age=(AGE, "first"), gender=(GENDER, "first"), outcome=(OUTCOME, "first"))
+    patients = per_patient.index.to_numpy()  # sorted, every patient with a dated record
 
     frame["day_date"] = frame[DATE].dt.normalize()
-    daily = frame.groupby([ID, "day_date"], sort=True)[lab_names].mean()  # [patient-days, 73]
-    per_patient = frame.groupby(ID).agg(age=(AGE, "first"), gender=(GENDER, "first"), outcome=(OUTCOME, "first"))
+    discharge = _discharge(frame, path)
+    notes: dict = {}
+    if discharge is None:
+        notes["post_discharge_rule"] = f"skipped: the file has no {DISCHARGE!r} column"
+        discharge = pd.Series(pd.NaT, index=frame.index)
+    after = (frame["day_date"] > discharge.dt.normalize()).to_numpy()  # NaT compares False
+    notes["rows_after_discharge"] = int(after.sum())
+    notes["patients_with_rows_after_discharge"] = int(frame.loc[after, ID].nunique())
+    frame, discharge = frame[~after], discharge[~after]
+    end_of_stay = discharge.groupby(frame[ID]).first().reindex(patients)
+    first_date = frame.groupby(ID)["day_date"].min().reindex(patients)
 
+    reason = np.full(len(patients), "", dtype=object)
+    if observation_days is not None:
+        window_end = first_date + pd.Timedelta(days=observation_days)  # [patients], NaT without rows
+        ended = (end_of_stay < window_end).to_numpy()
+        died = per_patient["outcome"].to_numpy() == 1
+        reason[ended & died] = DIED_IN_WINDOW
+        reason[ended & ~died] = DISCHARGED_IN_WINDOW
+        frame = frame[(frame[DATE] < frame[ID].map(window_end)).to_numpy()]
+    reason[(reason == "") & ~np.isin(patients, frame[ID].unique())] = ALL_AFTER_DISCHARGE
+
+    daily = frame.groupby([ID, "day_date"], sort=True)[lab_names].mean()  # [patient-days, 73]
     ids = daily.index.get_level_values(0).to_numpy()
     dates = daily.index.get_level_values(1)
-    first_date = pd.Series(dates, index=daily.index).groupby(level=0).transform("min")
-    days = ((dates - first_date.to_numpy()).days + 1).to_numpy(np.int32)
+    days = ((dates - first_date.loc[ids].to_numpy()).days + 1).to_numpy(np.int32)
 
-    patients, counts = np.unique(ids, return_counts=True)  # sorted like the groupby
+    counts = pd.Series(ids).value_counts().reindex(patients).fillna(0).to_numpy(np.int64)
     offsets = np.zeros(len(patients) + 1, np.int64)
     offsets[1:] = np.cumsum(counts)
-    info = per_patient.loc[patients]
-    sex = (info["gender"].to_numpy() == 1).astype(np.float32)  # 1 male, 2 female -> 1, 0
-    age = info["age"].to_numpy(np.float32)
+    sex = (per_patient["gender"].to_numpy() == 1).astype(np.float32)  # 1 male, 2 female -> 1, 0
+    age = per_patient["age"].to_numpy(np.float32)
     demo = np.repeat(np.stack([sex, age], axis=1), counts, axis=0)  # [R, 2]
     values = np.concatenate([demo, daily.to_numpy(np.float32)], axis=1)  # [R, 75]
     assert values.shape[1] == len(TJH_FEATURES) and TJH_DROPPED_COLUMNS[0] not in lab_names
@@ -95,25 +142,48 @@ def load_tjh(data_dir: Path) -> RawCohort:
         offsets=offsets,
         values=values,
         days=days,
-        labels={"mortality": info["outcome"].to_numpy(np.int8)},
+        labels={"mortality": per_patient["outcome"].to_numpy(np.int8)},
+        exclusion=reason.astype(str),
+        notes=notes,
     )
 
 
 def published_split(data_dir: Path, cohort: RawCohort, split_file: str = SPLIT_FILE) -> np.ndarray:
-    """Assign each patient the split of the ClinicRealm split file (train 140 / val 21 / test 200)."""
+    """Assign each patient the split of the ClinicRealm split file, checked to hold train 140 / val 21 /
+    test 200 patients (before the cohort's exclusions)."""
     path = require_file(data_dir / split_file, "TJH split file")
+    split = read_split_file(path, cohort)
+    found = {name: int((split == name).sum()) for name in PUBLISHED_COUNTS}
+    if found != PUBLISHED_COUNTS:
+        raise EAGRLInputError(f"{path}: the published split has {PUBLISHED_COUNTS} patients, this cohort gets {found}")
+    return split
+
+
+def read_split_file(path: Path, cohort: RawCohort) -> np.ndarray:
+    """[N] split of every sample of ``cohort`` from a CSV with columns ``id,patient,split`` (what eagrl writes
+    next to its cache) or ``PATIENT_ID,split`` (TJH's published file). An id the cohort does not have, or a
+    sample the file does not assign, is one clear error."""
+    path = Path(path)
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, dtype=str)
     except Exception as err:
         raise EAGRLInputError(f"{path}: cannot be read as CSV ({err})") from err
-    for column in (ID, "split"):
+    key = "id" if "id" in table.columns else ID
+    for column in (key, "split"):
         if column not in table.columns:
-            raise EAGRLInputError(f"{path}: missing required column {column!r} (expected columns PATIENT_ID,split)")
-    bad = sorted(set(table["split"]) - {"train", "val", "test"})
+            raise EAGRLInputError(f"{path}: missing required column {column!r} (expected columns id,patient,split or PATIENT_ID,split)")
+    bad = sorted(set(table["split"].astype(str)) - {"train", "val", "test"})
     if bad:
         raise EAGRLInputError(f"{path}: column 'split' must hold train/val/test, found {bad}")
-    mapping = dict(zip(table[ID].astype(str), table["split"]))
-    unknown = [p for p in cohort.patient_ids if p not in mapping]
+    ids = table[key].astype(str).str.strip().str.replace(r"\.0$", "", regex=True)
+    mapping = dict(zip(ids, table["split"]))
+    known = set(cohort.sample_ids.astype(str))
+    unknown = [i for i in ids if i not in known]
     if unknown:
-        raise EAGRLInputError(f"{path}: {len(unknown)} cohort patient(s) have no split assigned")
-    return np.array([mapping[p] for p in cohort.patient_ids])
+        raise EAGRLInputError(
+            f"{path}: {len(unknown)} id(s) in column {key!r} are not in the {cohort.dataset} cohort, e.g. {unknown[0]!r}"
+        )
+    unassigned = [i for i in cohort.sample_ids.astype(str) if i not in mapping]
+    if unassigned:
+        raise EAGRLInputError(f"{path}: {len(unassigned)} cohort sample(s) have no split assigned")
+    return np.array([mapping[i] for i in cohort.sample_ids.astype(str)])
