@@ -101,6 +101,17 @@ def test_a_label_that_is_not_0_or_1(capsys, run_dir, tjh_copy, tmp_path):
     refused(capsys, run_dir, *CONCARE, *_data(tjh_copy, tmp_path / "cache"), named="'outcome' must hold 0/1")
 
 
+def test_a_split_file_id_that_is_not_in_the_cohort(capsys, run_dir, tjh_copy, tmp_path):
+    with open(tjh_copy / TJH_SPLIT, "a") as handle:
+        handle.write("9999,test\n")
+    refused(capsys, run_dir, *CONCARE, *_data(tjh_copy, tmp_path / "cache"), named="not in the tjh cohort, e.g. '9999'")
+
+
+def test_a_window_with_the_readmission_task(capsys, run_dir):
+    args = ["fit", "--config", "configs/mimic_iv/concare_readmission.yaml", "--config", "configs/windows/mimic_iv_48h.yaml"]
+    refused(capsys, run_dir, *args, named="data.observation_hours: readmission is predicted at discharge")
+
+
 # ------------------------------------------------------------------------------------------- config
 def test_a_misspelt_config_key(capsys, run_dir):
     refused(capsys, run_dir, *CONCARE, "--model.init_args.hiddden", "8", named="hiddden")
@@ -184,6 +195,13 @@ def test_an_expert_file_of_another_dataset(capsys, run_dir, tmp_path, model_cach
     record = {"id": "made-up-1", "split": "test", "label": 0, "prob": 0.1, "features": [[n, 0.2] for n in names], "top_k": names}
     other.write_text(json.dumps(record) + "\n")
     refused(capsys, run_dir, *_prompting(model_cache, other), named="are not in this dataset")
+
+
+def test_distillation_never_searches_test_patients(capsys, run_dir, model_cache, tjh_expert):
+    args = ["predict", "--config", "configs/tjh/distill.yaml", "--config", "configs/smoke/distill.yaml",
+            "--model.init_args.backbone.cache_dir", str(model_cache), "--model.init_args.expert_attention", str(tjh_expert),
+            "--data.init_args.predict_splits", "[train, test]"]  # fmt: skip
+    refused(capsys, run_dir, *args, named="data.init_args.predict_splits: distillation reads each patient's label")
 
 
 # ---------------------------------------------------------------------------------------- scale-out

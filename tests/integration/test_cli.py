@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,19 +111,28 @@ def test_fit_leaves_the_run_bundle(smoke_run):
     assert info["seed"] == 42 and "torch" in info["versions"]
 
 
-def test_expert_attention_export(smoke_run):
+def test_expert_attention_export(smoke_run, tjh_module):
     lines = (smoke_run / "expert_attention.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    assert len(records) == 361
-    assert {s: sum(r["split"] == s for r in records) for s in ("train", "val", "test")} == {"train": 140, "val": 21, "test": 200}
-    assert len({r["id"] for r in records}) == 361
+    sizes = {s: len(tjh_module.datasets[s]) for s in ("train", "val", "test")}
+    assert len(records) == sum(sizes.values()) == 359  # 361 with a dated record, 2 with every record after discharge
+    assert {s: sum(r["split"] == s for r in records) for s in ("train", "val", "test")} == sizes == {"train": 139, "val": 21, "test": 199}
+    assert len({r["id"] for r in records}) == len(records)
+    raw = tjh_module.cohort.raw
+    row_of = {sample: k for k, sample in enumerate(raw.sample_ids)}
+    names = raw.feature_names
     for record in records:
         assert set(record) == {"id", "split", "label", "prob", "features", "top_k"}
         weights = [w for _, w in record["features"]]
-        assert len(weights) == 73 and weights == sorted(weights, reverse=True)
-        assert abs(sum(weights) - 1.0) < 1e-3
+        assert weights == sorted(weights, reverse=True)
+        values = raw.values[raw.rows(row_of[record["id"]])]  # [T, F] raw, NaN = not measured
+        measured = {names[j] for j in range(2, len(names)) if not np.isnan(values[:, j]).all()}
+        assert {n for n, _ in record["features"]} == measured  # only what the patient had measured is ranked
         assert record["top_k"] == [n for n, _ in record["features"][:5]]
         assert record["label"] in (0, 1) and 0.0 <= record["prob"] <= 1.0
+    mask = json.loads((smoke_run / "expert_attention_mask.json").read_text())
+    assert mask["patients"] == 359 and 0.0 <= mask["fraction_of_top_k_slots_never_measured"] <= 1.0
+    assert mask["fraction_of_patients_changed"] > 0  # TJH is 56% missing: an unmasked top-5 names unmeasured labs
 
 
 def test_resume_from_last_continues_with_the_optimiser_state(smoke_run, session_cache):
@@ -149,7 +159,7 @@ def test_test_subcommand_with_a_checkpoint(smoke_run, session_cache, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.5 < metrics["test/auroc"] <= 1.0
-    assert len((tmp_path / "expert_attention.jsonl").read_text().splitlines()) == 361
+    assert len((tmp_path / "expert_attention.jsonl").read_text().splitlines()) == 359
 
 
 def test_a_checkpoint_of_another_dataset_is_refused(smoke_run, session_cache, tmp_path):
@@ -170,7 +180,7 @@ def test_mimic_readmission_smoke_fit(session_cache, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert "test/auroc" in metrics and "test/auprc_std" in metrics
     records = [json.loads(line) for line in (tmp_path / "expert_attention.jsonl").read_text().splitlines()]
-    assert len(records) == 140 and len(records[0]["features"]) == 17  # one line per ICU stay
+    assert len(records) == 140 and all(len(r["features"]) <= 17 for r in records)  # one line per ICU stay
 
 
 @pytest.mark.slow

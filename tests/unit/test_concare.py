@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from eagrl.errors import EAGRLInputError
 from eagrl.evaluation import binary_metrics, bootstrap_metrics
 from eagrl.models.concare import ConCare, GroupedGRU, decov_loss
 from lightning_modules import ConCareModule
-from lightning_modules.callbacks import rank_features
+from lightning_modules.callbacks import measured_features, rank_features
 
 
 def test_grouped_gru_equals_one_torch_gru_per_feature():
@@ -118,6 +120,35 @@ def test_bootstrap_of_a_single_class_is_nan_not_an_error():
 def test_rank_features_orders_by_weight():
     ranked, top = rank_features(["a", "b", "c"], [0.2, 0.5, 0.3], top_k=2)
     assert ranked == [["b", 0.5], ["c", 0.3], ["a", 0.2]] and top == ["b", "c"]
+
+
+def test_rank_features_never_names_a_feature_that_was_never_measured():
+    ranked, top = rank_features(["a", "b", "c", "d"], [0.2, 0.5, 0.3, 0.0], top_k=3, measured=[True, False, True, False])
+    assert ranked == [["c", 0.3], ["a", 0.2]] and top == ["c", "a"]  # fewer than k measured: a shorter list
+    missing = torch.tensor([[[True, False], [True, True]], [[True, True], [False, True]]])  # [B=2, T=2, F=2]
+    mask = torch.tensor([[True, True], [True, False]])  # patient 1's day 2 is padding
+    assert measured_features(missing, mask).tolist() == [[False, True], [False, False]]
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+def test_concare_is_invariant_to_the_feature_order(faithful):
+    """One GRU and one decay rate per feature, attention over an unordered set of tokens: permuting the input
+    columns together with their per-feature parameters leaves the prediction unchanged."""
+    torch.manual_seed(3)
+    net = ConCare(4, 2, hidden=8, heads=2, ffn_hidden=8, faithful=faithful).eval().double()
+    x, demo, mask, days = _patients()
+    x, demo = x.double(), demo.double()
+    permutation = torch.tensor([2, 0, 3, 1])
+    permuted = copy.deepcopy(net)
+    with torch.no_grad():
+        for name in ("w_in", "w_hid", "b_in", "b_hid"):
+            getattr(permuted.gru, name).copy_(getattr(net.gru, name)[permutation])
+        permuted.time_attention.rate.copy_(net.time_attention.rate[permutation])
+    out, out_permuted = net(x, demo, mask, days), permuted(x[..., permutation], demo, mask, days)
+    torch.testing.assert_close(torch.sigmoid(out_permuted["logit"]), torch.sigmoid(out["logit"]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out_permuted["attention"], out["attention"][:, permutation], atol=1e-6, rtol=0)
+    moved = net(x[..., permutation], demo, mask, days)  # the columns alone: another feature's values in each GRU
+    assert not torch.allclose(moved["logit"], out["logit"], atol=1e-6)
 
 
 def test_attention_finds_the_one_feature_the_label_depends_on():

@@ -11,35 +11,83 @@ from eagrl.data.text import serialize_patient, shuffled_order
 from eagrl.data.features import FeatureSpec
 
 
-def test_tjh_published_split_counts(tjh_module):
+def _tjh_expected_counts(data_root) -> dict[str, dict[str, int]]:
+    """The TJH split sizes derived from the raw sheet by the README's rules, independently of the reader:
+    patients with a dated record, rows after the discharge date dropped, patients left with none excluded."""
+    import pandas as pd
+
+    sheet = pd.read_excel(data_root / "tjh/raw/time_series_375_prerpocess_en.xlsx")
+    sheet["PATIENT_ID"] = sheet["PATIENT_ID"].ffill()
+    sheet["RE_DATE"] = pd.to_datetime(sheet["RE_DATE"], errors="coerce")
+    sheet = sheet[sheet["RE_DATE"].notna()]
+    discharge = pd.to_datetime(sheet.groupby("PATIENT_ID")["Discharge time"].transform("first"))
+    kept = sheet[sheet["RE_DATE"].dt.normalize() <= discharge.dt.normalize()]
+    outcome = kept.groupby("PATIENT_ID")["outcome"].first()
+    split = pd.read_csv(data_root / "tjh/splits/tjh_clinicrealm_split_ids.csv").set_index("PATIENT_ID")["split"]
+    before = split.value_counts().to_dict()
+    after = split.loc[outcome.index]
+    return {
+        s: {"patients": int((after == s).sum()), "samples": int((after == s).sum()), "positives": int(outcome[after == s].sum()),
+            "before_exclusions": int(before[s])}
+        for s in SPLITS
+    }  # fmt: skip
+
+
+def test_tjh_published_split_counts(tjh_module, data_root):
     summary = tjh_module.summary()
     assert summary["features"] == 75 and len(summary["feature_names"]) == 75
     assert summary["feature_names"][:2] == ["Sex", "Age"]
     assert "2019-nCoV nucleic acid detection" not in summary["feature_names"]
-    assert summary["splits"] == {
-        "train": {"patients": 140, "samples": 140, "positives": 65},
-        "val": {"patients": 21, "samples": 21, "positives": 10},
-        "test": {"patients": 200, "samples": 200, "positives": 91},
-    }
+    expected = _tjh_expected_counts(data_root)
+    assert {s: {k: v for k, v in summary["splits"][s].items() if k != "excluded"} for s in SPLITS} == expected
+    assert {s: expected[s]["before_exclusions"] for s in SPLITS} == {"train": 140, "val": 21, "test": 200}  # the published split
+    excluded = {s: sum(summary["splits"][s]["excluded"].values()) for s in SPLITS}
+    assert all(expected[s]["before_exclusions"] - expected[s]["samples"] == excluded[s] for s in SPLITS)
+    assert summary["rows_after_discharge"] > 0 and summary["observation_window"] == "the whole stay"
     raw = tjh_module.cohort.raw
-    assert raw.num_samples == 361 and len(raw.values) == 1704  # patient-days after daily means
+    assert raw.num_samples == sum(e["samples"] for e in expected.values())
     assert np.diff(raw.offsets).max() == 13
 
 
-def test_mimic_demo_cohort_and_prevalence(mimic_module, session_cache):
+def _mimic_expected_labels(data_root) -> tuple[int, int]:
+    """(deaths, readmissions) of the demo's ICU stays by the README's definitions, from the raw tables."""
+    import pandas as pd
+
+    folder = data_root / "mimic-iv-demo"
+    stays = pd.read_csv(folder / "icu/icustays.csv.gz", parse_dates=["intime", "outtime"])
+    admissions = pd.read_csv(folder / "hosp/admissions.csv.gz", parse_dates=["admittime", "dischtime", "deathtime"])
+    patients = pd.read_csv(folder / "hosp/patients.csv.gz", parse_dates=["dod"])
+    table = stays.merge(admissions, on=["subject_id", "hadm_id"]).merge(patients, on="subject_id")
+    died = table["deathtime"].fillna(table["dod"])
+    in_hospital = died.notna() & (died.dt.normalize() >= table["admittime"].dt.normalize()) & (died.dt.normalize() <= table["dischtime"].dt.normalize())
+    deaths = 0
+    readmissions = 0
+    for _, stay in table.iterrows():
+        deaths += bool(in_hospital[_])
+        later = table[(table["subject_id"] == stay["subject_id"]) & (table["intime"] > stay["intime"])]
+        back = ((later["intime"] - stay["outtime"]) <= pd.Timedelta(days=30)).any()
+        when = stay["deathtime"] if pd.notna(stay["deathtime"]) else stay["dod"]
+        dead = pd.notna(when) and stay["intime"].normalize() <= when <= stay["outtime"] + pd.Timedelta(days=30)
+        readmissions += bool(back or dead)
+    return deaths, readmissions
+
+
+def test_mimic_demo_cohort_and_prevalence(mimic_module, session_cache, data_root):
     from datamodules import EHRDataModule
 
+    deaths, readmissions = _mimic_expected_labels(data_root)
+    assert (deaths, readmissions) == (20, 39)  # METHOD.md §1: 14.3 % and 27.9 % of 140 stays
     raw = mimic_module.cohort.raw
     assert raw.num_samples == 140 and len(np.unique(raw.patient_ids)) == 100
     assert raw.values.shape[1] == 19  # Sex, Age + the 17 clinical variables
-    assert int(raw.labels["mortality"].sum()) == 20  # 14.3 %
-    assert int(raw.labels["readmission"].sum()) == 27  # 19.3 %
+    assert int(raw.labels["mortality"].sum()) == deaths
+    assert int(raw.labels["readmission"].sum()) == readmissions
     assert np.diff(raw.offsets).max() <= 8 and np.diff(raw.offsets).min() >= 1
     summary = mimic_module.summary()
     assert sum(s["samples"] for s in summary["splits"].values()) == 140
-    assert sum(s["positives"] for s in summary["splits"].values()) == 20
+    assert sum(s["positives"] for s in summary["splits"].values()) == deaths
     readmission = EHRDataModule(dataset="mimic_iv", task="readmission", cache_dir=str(session_cache), progress=False)
-    assert sum(s["positives"] for s in readmission.summary()["splits"].values()) == 27
+    assert sum(s["positives"] for s in readmission.summary()["splits"].values()) == readmissions
 
 
 def test_mimic_values_are_converted_to_documented_units(mimic_module):
@@ -148,13 +196,29 @@ def test_golden_text_serialisation():
     assert "had 1 visit, on day 4" in shown and '"101.5"' in shown
 
 
-def test_text_never_shows_imputed_values(tjh_module):
+def _feature_lines(text: str) -> dict[str, list[str]]:
+    """``{feature name: [the printed value of each visit]}`` of a serialised patient."""
+    found = {}
+    for line in text.splitlines()[2:]:
+        name, series = line[2:].rsplit(" (", 1)[0], line.rsplit(': "', 1)[1].rstrip('"')
+        found[name] = series.split(", ")
+    return found
+
+
+def test_text_prints_every_measured_value_as_the_formatter_renders_it(tjh_module):
+    from eagrl.data.text import format_value
+
     dataset = tjh_module.datasets["test"]
-    item = dataset[0]
-    text = dataset.text(0)
-    measured = int((~item["missing"][:, 2:]).sum())
-    assert text.count("NA") >= int(item["missing"][:, 2:].sum())
-    assert measured > 0 and text.startswith("The patient is a ")
+    features = tjh_module.cohort.raw.features
+    for i in range(0, len(dataset), 37):
+        item = dataset[i]
+        printed = _feature_lines(dataset.text(i))
+        for j, spec in enumerate(features):
+            if spec.demographic:
+                continue
+            expected = [format_value(float(v)) for v in item["raw"][:, j]]
+            assert printed[spec.name] == expected, spec.name
+            assert printed[spec.name].count("NA") == int(item["missing"][:, j].sum())  # imputed values never shown
 
 
 @pytest.mark.parametrize("fraction", [0.2, 0.4, 0.6, 1.0])
@@ -168,6 +232,9 @@ def test_shuffle_is_reproducible_and_keeps_every_line(tjh_module, fraction):
     assert sorted(once) == sorted(plain) and once[:2] == plain[:2]
     moved = sum(a != b for a, b in zip(once[2:], plain[2:]))
     assert moved == int(round(fraction * 73))
+    # the text's order is exactly shuffled_order's permutation of the feature lines
+    order = shuffled_order(73, fraction, 7, dataset.ids[3])
+    assert once[2:] == [plain[2 + k] for k in order]
 
 
 def test_shuffled_order_is_a_permutation():
@@ -209,14 +276,14 @@ def test_eval_patients_is_a_balanced_test_subset(session_cache):
     assert int(dm.datasets["test"].labels[seen].sum()) == 4
 
 
-def test_shuffle_fraction_permutes_the_tensor_columns_like_the_text(session_cache, tjh_module):
+def test_shuffle_fraction_permutes_the_text_only(session_cache, tjh_module):
+    """ConCare has one GRU per feature and is order-invariant by construction: its tensors keep the feature
+    order (permuting them would feed one feature's values to another's GRU); only the text is shuffled."""
     from datamodules import EHRDataModule
 
     dm = EHRDataModule(dataset="tjh", cache_dir=str(session_cache), progress=False, shuffle_fraction=1.0)
     dm.setup()
     plain, shuffled = tjh_module.datasets["test"][0], dm.datasets["test"][0]
-    d = dm.datasets["test"].n_demographic
-    assert np.array_equal(plain["x"][:, :d], shuffled["x"][:, :d])  # demographics stay
-    assert not np.array_equal(plain["x"], shuffled["x"])
-    assert np.array_equal(np.sort(plain["x"], axis=1), np.sort(shuffled["x"], axis=1))  # a permutation of columns
-    assert np.array_equal(plain["raw"], shuffled["raw"], equal_nan=True)  # the text path shuffles its own lines
+    for key in ("x", "missing", "raw"):
+        assert np.array_equal(plain[key], shuffled[key], equal_nan=True), key
+    assert dm.datasets["test"].text(0) != tjh_module.datasets["test"].text(0)
