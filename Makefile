@@ -37,6 +37,8 @@ summaries: install  ## print the cohort summary of every shipped dataset/task
 	$(PY) -m eagrl summary --config configs/tjh/data.yaml | tee results/summary_tjh.json
 	$(PY) -m eagrl summary --config configs/mimic_iv/mortality_data.yaml | tee results/summary_mimic_iv_mortality.json
 	$(PY) -m eagrl summary --config configs/mimic_iv/readmission_data.yaml | tee results/summary_mimic_iv_readmission.json
+	$(PY) -m eagrl summary --config configs/tjh/data.yaml --config configs/windows/tjh_2days.yaml | tee results/summary_tjh_window.json
+	$(PY) -m eagrl summary --config configs/mimic_iv/mortality_data.yaml --config configs/windows/mimic_iv_48h.yaml | tee results/summary_mimic_iv_mortality_48h.json
 
 # The expert: ConCare per dataset/task (about 1 min each on 2 CPU cores). Each run directory holds
 # config.yaml, metrics.json, checkpoints/ and expert_attention.jsonl (the expert signal of stages 1-2).

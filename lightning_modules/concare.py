@@ -77,6 +77,11 @@ class ConCareModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
+        if datamodule.hparams.get("shuffle_fraction"):
+            raise EAGRLInputError(
+                "data.shuffle_fraction shuffles the feature order of the LLM's text; ConCare reads one GRU per feature and "
+                "is order-invariant by construction, so it has no feature order to shuffle (leave it at 0)"
+            )
         if datamodule.cohort is None:
             datamodule.setup(stage)
         features = datamodule.cohort.raw.features

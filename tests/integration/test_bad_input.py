@@ -107,6 +107,10 @@ def test_a_split_file_id_that_is_not_in_the_cohort(capsys, run_dir, tjh_copy, tm
     refused(capsys, run_dir, *CONCARE, *_data(tjh_copy, tmp_path / "cache"), named="not in the tjh cohort, e.g. '9999'")
 
 
+def test_a_shuffled_feature_order_for_concare(capsys, run_dir):
+    refused(capsys, run_dir, *CONCARE, "--data.init_args.shuffle_fraction", "0.4", named="ConCare reads one GRU per feature")
+
+
 def test_a_window_with_the_readmission_task(capsys, run_dir):
     args = ["fit", "--config", "configs/mimic_iv/concare_readmission.yaml", "--config", "configs/windows/mimic_iv_48h.yaml"]
     refused(capsys, run_dir, *args, named="data.observation_hours: readmission is predicted at discharge")
