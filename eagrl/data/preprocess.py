@@ -1,6 +1,6 @@
 """Split, normalise and impute a raw cohort (METHOD.md §1), and cache the result on disk.
 
-- Split: the published TJH split, or a seeded patient-level split stratified on the label (no patient
+- Split: the published TJH split, a split file, or a seeded patient-level split stratified on mortality (no patient
   in two splits).
 - Normalisation: z-score with mean/std from TRAIN rows only, computed on the values strictly between
   the train 5th and 95th percentiles; binary features are left as 0/1.

@@ -12,7 +12,7 @@ import torch
 from eagrl.cli import main
 from tests.conftest import REPO, run_cli
 
-OVERLAY_DIRS = ("smoke", "rl", "reproduce", "sweeps", "scale")  # overlays and sweeps: parsed on top of a full config elsewhere
+OVERLAY_DIRS = ("smoke", "rl", "reproduce", "sweeps", "scale", "windows")  # overlays and sweeps: parsed on top of a full config elsewhere
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml") if not set(OVERLAY_DIRS) & set(p.parts[-2:-1]))
 DATA_CONFIGS = [c for c in CONFIGS if c.endswith("_data.yaml") or c.endswith("/data.yaml")]
 SMOKE = ["--config", "configs/smoke/concare.yaml"]
@@ -74,19 +74,36 @@ def test_summary_prints_the_cohort_as_json(config, session_cache):
     result = run_cli("summary", "--config", config, cache=session_cache)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert set(summary) == {"dataset", "task", "features", "feature_names", "splits"}
+    assert {"dataset", "task", "features", "feature_names", "splits", "observation_window", "excluded_by_cause", "split_file"} <= set(summary)
     assert summary["features"] == len(summary["feature_names"])
     assert set(summary["splits"]) == {"train", "val", "test"}
     if summary["dataset"] == "tjh":
         assert summary["features"] == 75
         assert {s: (v["patients"], v["positives"]) for s, v in summary["splits"].items()} == {
-            "train": (140, 65),
+            "train": (139, 64),
             "val": (21, 10),
-            "test": (200, 91),
-        }
+            "test": (199, 90),
+        }  # the published 140 / 21 / 200, less the two patients whose every record is after discharge
     else:
         assert summary["features"] == 19  # 17 clinical variables + sex + age
         assert sum(v["patients"] for v in summary["splits"].values()) == 100  # the demo's 100 patients
+
+
+@pytest.mark.parametrize(
+    "configs, window",
+    [
+        (["configs/tjh/data.yaml", "configs/windows/tjh_2days.yaml"], {"observation_days": 2, "from": "the first record (day 1)"}),
+        (["configs/mimic_iv/mortality_data.yaml", "configs/windows/mimic_iv_48h.yaml"], {"observation_hours": 48.0, "from": "ICU intime"}),
+    ],
+)
+def test_the_window_overlays_give_a_windowed_summary(configs, window, session_cache):
+    result = run_cli("summary", *[a for c in configs for a in ("--config", c)], cache=session_cache)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["observation_window"] == window
+    for split in summary["splits"].values():  # every sample before the rules is kept or excluded for a counted cause
+        assert split["before_exclusions"] == split["samples"] + sum(split["excluded"].values())
+    assert sum(summary["excluded_by_cause"].values()) > 0
 
 
 @pytest.fixture(scope="module")
