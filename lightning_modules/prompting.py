@@ -3,7 +3,8 @@
 ``python -m eagrl test --config configs/tjh/prompting_vanilla.yaml --trainer.default_root_dir DIR``
 prompts the backbone with every test patient, reads ŷ (parsed from the answer, or the yes/no token
 probability), scores the named features against the expert's top-k, and logs ``test/auroc``,
-``test/auprc`` (bootstrap), ``test/parse_rate``, ``test/r_att``, ``test/r_cls``, ``test/reward`` and token
+``test/auprc`` (bootstrap), ``test/parse_rate`` (the lenient reading ŷ comes from), ``test/strict_parse_rate``
+(the reward path's strict reading, ``eagrl.llm.parsing``), ``test/r_att``, ``test/r_cls``, ``test/reward`` and token
 counts; the completions go to ``DIR/generations.jsonl`` (never to a logger).
 """
 
@@ -78,7 +79,7 @@ class PromptFitter:
 class AnswerEvaluator(L.LightningModule):
     """Shared by the prompting baselines and the fine-tuned models: in ``test``, prompt the LLM with every
     patient of the test dataloader(s), read ŷ and the named features, score them, log ``<split>/auroc``,
-    ``<split>/auprc`` (bootstrap), ``<split>/parse_rate``, ``<split>/r_att`` (with an expert file), ... and
+    ``<split>/auprc`` (bootstrap), ``<split>/parse_rate``, ``<split>/strict_parse_rate``, ``<split>/r_att`` (with an expert file), ... and
     write the completions to ``<default_root_dir>/<generations_file>``.
 
     Subclasses set ``self.llm``, ``self.tokenizer``, ``self.sampling``, ``self.reward`` and the hparams
@@ -133,7 +134,7 @@ class AnswerEvaluator(L.LightningModule):
             y_hat = [p.probability for p in parsed]
         labels = batch["label"].long().tolist()
         expert = [self.expert[i] if self.expert else [] for i in batch["id"]]
-        rewards = combined_reward(y_hat, labels, [p.features for p in parsed], expert, self.reward)
+        rewards = combined_reward(y_hat, labels, [p.features for p in parsed], expert, self.reward, [p.unknown_features for p in parsed])
         records = self.records.setdefault(split, [])
         for k, sample in enumerate(batch["id"]):
             records.append(
@@ -143,6 +144,7 @@ class AnswerEvaluator(L.LightningModule):
                     "label": labels[k],
                     "y_hat": y_hat[k],
                     "parsed": parsed[k].probability is not None,
+                    "parsed_strict": parsed[k].strict_probability is not None,
                     "features": parsed[k].features,
                     "unknown_features": parsed[k].unknown_features,
                     "expert_top_k": expert[k],
@@ -170,6 +172,7 @@ class AnswerEvaluator(L.LightningModule):
             n = len(records)
             metrics.update(
                 parse_rate=sum(r["parsed"] for r in records) / n,
+                strict_parse_rate=sum(r.get("parsed_strict", False) for r in records) / n,
                 r_cls=sum(r["r_cls"] for r in records) / n,
                 reward=sum(r["reward"] for r in records) / n,
                 prompt_tokens=sum(r["prompt_tokens"] for r in records) / n,

@@ -7,22 +7,25 @@ the base) and runs, per training step (manual optimisation):
 
 1. rollout: G sampled completions of each prompt of the batch (train patients), each prompt prefilled
    once and its cache shared by the group (``sample_groups``);
-2. scoring: the combined reward (R_cls, R_att of the named features against the expert's top-k),
-   group-normalised advantages; DAPO's dynamic sampling drops groups whose rewards are all equal;
-3. ``ppo_epochs`` passes over the rollout batch, each one optimiser step: per prompt, the completions'
-   logits with the prompt computed once (``completion_logits``), then the fused log-prob/entropy op and
-   the clipped surrogate with token-mean aggregation (``policy_loss``, optionally under
-   ``torch.compile(fullgraph=True)``), gradient clipping.
+2. scoring: the combined reward (R_cls from the strictly parsed ``<Final Answer>``, R_att of the named
+   features against the expert's top-k), DAPO's overlong shaping when on, group-normalised advantages.
+   DAPO's dynamic sampling drops groups whose rewards are all equal and samples more patients until the
+   batch is full again, for at most ``resample_rounds`` extra rounds (``train/resample_rounds``);
+3. the update (``eagrl.rl.step.optimise``): the rollout policy's log-probs and key-token entropies (so
+   ε(τ)) from one no-grad pass, then ``ppo_epochs`` passes over mini-batches of ``mini_batch_size``
+   completions, one optimiser step each, so the ratios leave 1 and the clips act: per prompt the
+   completions' logits with the prompt computed once, the fused log-prob/entropy op and the clipped
+   surrogate aggregated by ``loss_agg`` (``policy_loss``, optionally under ``torch.compile(fullgraph=True)``),
+   gradient clipping; the learning-rate schedule steps once per rollout.
 
 EAG-RL's upper clip ε(τ) comes from each trajectory's mean entropy over its ``<Important Features>``
 tokens (all its tokens when the span is missing), detached and min-max normalised over the rollout batch
-into [ε_min, ε_max]; ε_low is fixed. The rollout policy's log-probs are those of the first pass (taken
-before any update); a no-grad scoring pass runs first only when the batch needs batch-wide entropies
-before its first gradient (several prompts per step with ε(τ) on). The optional KL penalty to the stage-1
-policy uses the same model with its LoRA adapter disabled (no second copy).
+into [ε_min, ε_max]; ε_low is fixed. The optional KL penalty to the stage-1 policy uses the same model with
+its LoRA adapter disabled (no second copy): the stage-1 model is merged into the base first.
 
-Logged per step (``train/``): reward, r_cls, r_att, parse_rate, entropy, key_entropy, eps_high,
-clip_low, clip_high, ratio, kl, completion_length, groups_kept, loss, grad_norm, step_time (seconds).
+Logged per step (``train/``): reward, r_cls, r_att, parse_rate (strict), entropy, key_entropy, eps_high,
+eps_high_min, eps_high_max, clip_low, clip_high, ratio, kl, completion_length, groups_kept, resample_rounds,
+steps (optimiser steps), lr, loss, grad_norm, step_time (seconds).
 After fit, with ``test_after_fit``, the trained policy answers the test patients (``test/auroc``, ...).
 Checkpoints hold the LoRA weights, the optimiser and (the CLI's ``RandomState`` callback) the random state (``--ckpt_path last``
 resumes); the end of fit writes ``model/adapter`` and ``model/merged``.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import warnings
 import zlib
@@ -48,9 +52,10 @@ from eagrl.io import check_safetensors
 from eagrl.kernels import resolve_backend
 from eagrl.llm.generation import SamplingOptions, sample_groups
 from eagrl.llm.parsing import parse_answer
-from eagrl.models.backbone import EMBEDDED, TINY, BackboneOptions, LoraOptions, load_backbone
-from eagrl.rl.grpo import Rollout, group_advantages, keep_varied_groups, policy_loss
-from eagrl.rl.rewards import RewardConfig, combined_reward
+from eagrl.models.backbone import EMBEDDED, TINY, BackboneOptions, LoraOptions, add_lora, load_backbone
+from eagrl.optim import lr_factor
+from eagrl.rl.grpo import LOSS_AGGREGATIONS, Rollout, group_advantages, keep_varied_groups, policy_loss
+from eagrl.rl.rewards import RewardConfig, combined_reward, overlong_penalty
 from eagrl.rl.rollout import key_token_mask
 from eagrl.rl.step import UpdateConfig, optimise
 from lightning_modules.adapters import AdapterCheckpointing
@@ -83,11 +88,14 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
     """GRPO-style RL of the LLM with the expert-guided reward (see the module docstring).
 
     Args:
-        backbone: the starting policy (the SFT run's ``model/merged``) and the LoRA trained on it.
-        init_adapter: instead, a LoRA adapter folder (the SFT run's ``model/adapter``) loaded on
-            ``backbone.name`` and trained further (the KL reference is then the model without it).
+        backbone: the starting policy (the SFT run's ``model/merged``) and the LoRA trained on it (its
+            dropout must be 0: dropout on in the loss and off in sampling makes the ratios noise).
+        init_adapter: instead, a LoRA adapter folder (the SFT run's ``model/adapter``) merged into
+            ``backbone.name`` first, so the stage-1 policy is the KL reference; a fresh LoRA is trained on it.
         group_size: G, completions per prompt (>= 2).
-        ppo_epochs: optimiser steps per rollout batch.
+        ppo_epochs: passes over the rollout batch's mini-batches.
+        mini_batch_size: completions per optimiser step (verl's ``ppo_mini_batch_size``); the rollout batch
+            (batch size x G completions) is cut into mini-batches of this size. None: one step per pass.
         lr: AdamW learning rate of the LoRA weights.
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient clipping (global L2 norm).
@@ -96,9 +104,18 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         adaptive_clip: EAG-RL's ε(τ) from the key-token entropy, in [eps_min, eps_max].
         eps_min: lower end of ε(τ).
         eps_max: upper end of ε(τ).
-        dynamic_sampling: drop groups whose rewards are all equal (DAPO).
+        loss_agg: ``token_mean`` (DAPO; [ours] the default for EAG-RL), ``seq_mean_token_mean`` (the original
+            GRPO) or ``seq_mean_token_sum_norm`` (Dr. GRPO), over each mini-batch.
+        lr_schedule: ``constant`` or ``cosine`` (to 0 at the last rollout), after the warm-up.
+        warmup_steps: rollouts of linear learning-rate warm-up from 0.
+        dynamic_sampling: drop groups whose rewards are all equal and refill the batch (DAPO).
+        resample_rounds: the most extra rounds of sampling that dynamic sampling runs to refill a batch.
+        overlong_shaping: DAPO's overlong reward shaping (``eagrl.rl.rewards.overlong_penalty``).
+        overlong_buffer: its buffer L_c in tokens (None: a quarter of ``rollout_sampling.max_new_tokens``).
         kl_coef: β_KL of a k3 KL penalty to the stage-1 policy (adapter disabled); 0 turns it off.
-        rollout_sampling: sampling of the rollouts (temperature also divides the logits in the loss).
+        rollout_sampling: sampling of the rollouts (temperature also divides the logits in the loss). top-p,
+            top-k and a repetition penalty are refused: they sample from another distribution than the
+            policy the loss differentiates.
         rollout_batch_size: sequences per ``generate`` call in the rollouts.
         rollout_seed: when set, each patient's group is sampled in its own ``generate`` calls under a seed
             made of this value, the step and the patient id: the rollouts no longer depend on which patients
@@ -132,7 +149,11 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         init_adapter: Optional[str] = None,
         group_size: int = 8,
         ppo_epochs: PositiveInt = 1,
+        mini_batch_size: Optional[PositiveInt] = None,
+        loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean",
         lr: PositiveFloat = 1e-5,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        warmup_steps: NonNegativeInt = 0,
         weight_decay: NonNegativeFloat = 0.0,
         max_grad_norm: PositiveFloat = 1.0,
         eps_low: float = 0.2,
@@ -141,6 +162,9 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         eps_min: float = 0.2,
         eps_max: float = 0.4,
         dynamic_sampling: bool = False,
+        resample_rounds: NonNegativeInt = 3,
+        overlong_shaping: bool = False,
+        overlong_buffer: Optional[PositiveInt] = None,
         kl_coef: NonNegativeFloat = 0.0,
         rollout_sampling: SamplingOptions = SamplingOptions(max_new_tokens=256, do_sample=True, temperature=1.0),
         rollout_batch_size: PositiveInt = 8,
@@ -166,16 +190,37 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         super().__init__()
         if group_size < 2:
             raise EAGRLInputError(f"model.group_size must be >= 2 (advantages are normalised within a group), got {group_size}")
-        if not 0.0 <= eps_low < 1.0:
-            raise EAGRLInputError(f"model.eps_low must be within [0, 1), got {eps_low}")
-        if eps_high < 0 or eps_min < 0:
-            raise EAGRLInputError(f"model.eps_high and model.eps_min must be >= 0, got {eps_high} and {eps_min}")
+        if not 0.0 < eps_low < 1.0:
+            raise EAGRLInputError(f"model.eps_low must be within (0, 1), got {eps_low}")
+        if eps_high <= 0 or eps_min <= 0:
+            raise EAGRLInputError(f"model.eps_high and model.eps_min must be > 0, got {eps_high} and {eps_min}")
+        if loss_agg not in LOSS_AGGREGATIONS:
+            raise EAGRLInputError(f"model.loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
+        changed = {
+            "top_p": rollout_sampling.top_p != 1.0, "top_k": rollout_sampling.top_k != 0, "repetition_penalty": rollout_sampling.repetition_penalty != 1.0,
+        }  # fmt: skip
+        if any(changed.values()):
+            names = ", ".join(f"model.rollout_sampling.{k}" for k, v in changed.items() if v)
+            raise EAGRLInputError(
+                f"{names}: RL rollouts must sample from the policy the loss differentiates; top-p, top-k and a repetition "
+                "penalty sample from another distribution, so the ratios and entropies would be wrong (leave top_p 1, "
+                "top_k 0, repetition_penalty 1; the temperature is carried into the loss)"
+            )
+        if overlong_buffer is not None and overlong_buffer > rollout_sampling.max_new_tokens:
+            raise EAGRLInputError(
+                f"model.overlong_buffer ({overlong_buffer}) must not exceed model.rollout_sampling.max_new_tokens ({rollout_sampling.max_new_tokens})"
+            )
         if eps_min > eps_max:
             raise EAGRLInputError(f"model.eps_min ({eps_min}) must not exceed model.eps_max ({eps_max})")
         if not rollout_sampling.do_sample:
             raise EAGRLInputError("model.rollout_sampling.do_sample must be true: a group of greedy completions has no variance")
-        if init_adapter is None and backbone.lora is None:
-            raise EAGRLInputError("model.backbone.lora: RL trains LoRA adapters; give lora options or model.init_adapter")
+        if backbone.lora is None:
+            raise EAGRLInputError("model.backbone.lora: RL trains LoRA adapters; give lora options")
+        if backbone.lora.dropout != 0:
+            raise EAGRLInputError(
+                f"model.backbone.lora.dropout must be 0 in RL, got {backbone.lora.dropout}: dropout is on in the loss and off "
+                "in sampling, so the ratios and entropies would be noise"
+            )
         if backbone.gradient_checkpointing:
             raise EAGRLInputError(
                 "model.backbone.gradient_checkpointing: RL's shared-prompt forward reuses the prompt's KV cache, "
@@ -209,8 +254,11 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
             return
         from peft import PeftModel
 
+        # the stage-1 adapter merged into the base (so its dropout never acts and it is the KL reference),
+        # then a fresh LoRA on top
         base, self.tokenizer = load_backbone(BackboneOptions(**{**asdict(self.backbone_options), "lora": None}))
-        self.llm = PeftModel.from_pretrained(base, self.hparams.init_adapter, is_trainable=True)
+        stage1 = PeftModel.from_pretrained(base, self.hparams.init_adapter, is_trainable=False).merge_and_unload()
+        self.llm = add_lora(stage1, self.backbone_options.lora)
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -220,6 +268,9 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         hp = self.hparams
         self.update_config = UpdateConfig(
             ppo_epochs=hp.ppo_epochs,
+            mini_batch_size=hp.mini_batch_size,
+            loss_agg=hp.loss_agg,
+            max_length=self.rollout_sampling.max_new_tokens,
             eps_low=hp.eps_low,
             eps_high=hp.eps_high,
             adaptive_clip=hp.adaptive_clip,
@@ -231,25 +282,40 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
             backend=resolve_backend(hp.loss_backend, self.trainer.strategy.root_device),  # a forced path that cannot run fails here
         )
         log.info("RL loss: the %s path%s", self.update_config.backend, " under torch.compile" if hp.compile_loss else "")
+        completions = datamodule.batch_size * hp.group_size
+        steps = math.ceil(completions / (hp.mini_batch_size or completions)) * hp.ppo_epochs
+        if steps < 2:
+            log.warning(
+                "RL: one optimiser step per rollout batch (%d completions, mini_batch_size %s, ppo_epochs %d): every ratio "
+                "is 1, so no clip acts and ε(τ) changes nothing; set model.mini_batch_size below the batch", completions, hp.mini_batch_size, hp.ppo_epochs,
+            )
         longest = max(self.sampling.max_new_tokens, self.rollout_sampling.max_new_tokens)
         self.setup_answers(["train", "test"], max_new_tokens=longest)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)  # rollouts
+        schedule = lambda step: lr_factor(step, total, self.hparams.warmup_steps, self.hparams.lr_schedule)  # noqa: E731
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}}
 
     # ------------------------------------------------------------------------------------- rollout
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         """Sample G completions per patient of ``batch`` and score them."""
-        group = self.hparams.group_size
         data = self.trainer.datamodule.datasets[batch["split"][0]]
-        prompts = [self.fit_prompt(data, int(i))[0] for i in batch["index"]]
+        return self._rollout(data, [int(i) for i in batch["index"]], [str(i) for i in batch["id"]], batch["label"].long().tolist())
+
+    def _rollout(self, data, positions: list[int], ids: list[str], labels: list[int]) -> Rollout:
+        """G completions of each patient (``positions`` in ``data``), scored: the strict reward, DAPO's overlong
+        shaping when on, group-normalised advantages."""
+        group = self.hparams.group_size
+        prompts = [self.fit_prompt(data, i)[0] for i in positions]
         seed, size = self.hparams.rollout_seed, self.hparams.rollout_batch_size
         if seed is None:
             groups = sample_groups(self.llm, self.tokenizer, prompts, group, self.rollout_sampling, size)
         else:
             groups = []
-            for prompt, sample in zip(prompts, batch["id"]):
+            for prompt, sample in zip(prompts, ids):
                 with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                     torch.manual_seed(zlib.crc32(f"{seed}:{self.global_step}:{sample}".encode()))
                     groups += sample_groups(self.llm, self.tokenizer, [prompt], group, self.rollout_sampling, size)
@@ -258,22 +324,53 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
             if not g.tokens:
                 g.tokens = [self.tokenizer.eos_token_id]
         parsed = [parse_answer(g.text, self.matcher) for g in flat]
-        labels = [int(y) for y in batch["label"].long().tolist() for _ in range(group)]
-        expert = [self.expert[i] if self.expert else [] for i in batch["id"] for _ in range(group)]
-        scores = combined_reward([p.probability for p in parsed], labels, [p.features for p in parsed], expert, self.reward)
-        rewards = scores["reward"].float().view(len(prompts), group)  # [P, G]
+        expanded = [int(y) for y in labels for _ in range(group)]
+        expert = [self.expert[i] if self.expert else [] for i in ids for _ in range(group)]
+        scores = combined_reward(
+            [p.strict_probability for p in parsed], expanded, [p.features for p in parsed], expert, self.reward,
+            [p.unknown_features for p in parsed],
+        )  # fmt: skip
+        reward = scores["reward"].float()
+        if self.hparams.overlong_shaping:
+            limit = self.rollout_sampling.max_new_tokens
+            buffer = self.hparams.overlong_buffer or max(limit // 4, 1)
+            reward = reward + overlong_penalty([len(g.tokens) for g in flat], [g.finished for g in flat], limit, buffer).float()
         return Rollout(
             prompt_ids=[self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
             completions=[g.tokens for g in flat],
             texts=[g.text for g in flat],
-            rewards=scores["reward"].float(),
+            rewards=reward,
             r_cls=scores["r_cls"].float(),
             r_att=scores["r_att"].float(),
             parsed=scores["parsed"],
-            advantages=group_advantages(rewards).flatten(),  # [B]
+            advantages=group_advantages(reward.view(len(prompts), group)).flatten(),  # [B]
             key_mask=[key_token_mask(self.tokenizer, g.tokens) for g in flat],
             group_size=group,
         )
+
+    def refill(self, rollout: Rollout, batch: dict[str, Any]) -> tuple[Rollout, int]:
+        """DAPO's dynamic sampling: keep the groups whose rewards are not all equal, and sample more train
+        patients (never one already tried this step) until the batch holds as many groups as it started
+        with, for at most ``resample_rounds`` extra rounds. Returns the rollout and the rounds run."""
+        wanted, group = len(rollout.prompt_ids), self.hparams.group_size
+        kept = rollout.select_groups(keep_varied_groups(rollout.rewards.view(wanted, group)))
+        split = batch["split"][0]
+        data = self.trainer.datamodule.datasets[split]
+        pool = self.trainer.datamodule.train_subset() if self.trainer.datamodule.hparams.train_patients else list(range(len(data)))
+        tried = {int(i) for i in batch["index"]}
+        generator = torch.Generator().manual_seed(zlib.crc32(f"refill:{self.global_step}:{self.global_rank}".encode()))
+        rounds = 0
+        while len(kept.prompt_ids) < wanted and rounds < self.hparams.resample_rounds:
+            fresh = [pool[k] for k in torch.randperm(len(pool), generator=generator).tolist() if pool[k] not in tried]
+            fresh = fresh[: wanted - len(kept.prompt_ids)]
+            if not fresh:
+                break
+            rounds += 1
+            tried.update(fresh)
+            labels = [int(data.labels[i]) for i in fresh]
+            extra = self._rollout(data, fresh, [data.ids[i] for i in fresh], labels)
+            kept = Rollout.concat([kept, extra.select_groups(keep_varied_groups(extra.rewards.view(len(fresh), group)))])
+        return kept, rounds
 
     # ------------------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -286,19 +383,26 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
             [float(rollout.rewards.sum()), float(rollout.r_cls.sum()), float(rollout.r_att.sum()), float(rollout.parsed.float().sum()),
              float(rollout.n_tokens), float(len(rollout.completions)), float(n_groups)], dtype=torch.float64, device=self.device,
         )  # fmt: skip
+        rounds = 0
         if self.hparams.dynamic_sampling:
-            rollout = rollout.select_groups(keep_varied_groups(rollout.rewards.view(n_groups, group)))
-        sums = all_reduce(torch.cat([sums, sums.new_tensor([float(len(rollout.prompt_ids))])])).tolist()
-        reward, r_cls, r_att, parsed, tokens, completions, groups, kept = sums
+            first_kept = int(keep_varied_groups(rollout.rewards.view(n_groups, group)).sum())
+            rollout, rounds = self.refill(rollout, batch)
+        else:
+            first_kept = n_groups
+        sums = all_reduce(torch.cat([sums, sums.new_tensor([float(len(rollout.prompt_ids)), float(first_kept), float(rounds)])])).tolist()
+        reward, r_cls, r_att, parsed, tokens, completions, groups, kept, first, rounds_sum = sums
         logged = {
             "reward": reward / completions, "r_cls": r_cls / completions, "r_att": r_att / completions,
-            "parse_rate": parsed / completions, "completion_length": tokens / completions, "groups_kept": kept / groups,
+            "parse_rate": parsed / completions, "completion_length": tokens / completions, "groups_kept": first / groups,
+            "resample_rounds": rounds_sum / max(self.trainer.world_size, 1),
         }  # fmt: skip
         if kept > 0:  # else every group of every rank had equal rewards: nothing to learn (the same on all ranks)
             # gradients are summed by the update itself (its loss is a share of the global token mean), not by DDP
             block = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
             with block():
                 logged.update(optimise(self.llm, self.optimizers(), rollout, self.update_config, self.manual_backward, self._loss))
+        logged["lr"] = self.optimizers().param_groups[0]["lr"]
+        self.lr_schedulers().step()  # once per rollout
         logged["step_time"] = time.perf_counter() - start
         size = len(batch["id"])
         self.log_dict({f"train/{k}": float(v) for k, v in logged.items()}, on_step=True, on_epoch=False, batch_size=size)

@@ -21,6 +21,7 @@ from eagrl.errors import EAGRLInputError
 from eagrl.llm.generation import SamplingOptions
 from eagrl.llm.sft import sft_batch
 from eagrl.models.backbone import BackboneOptions, LoraOptions, load_backbone
+from eagrl.optim import lr_factor
 from eagrl.rl.rewards import RewardConfig
 from lightning_modules.adapters import AdapterCheckpointing
 from lightning_modules.prompting import AnswerEvaluator
@@ -52,7 +53,8 @@ class SFTModule(AdapterCheckpointing, AnswerEvaluator):
         backbone: the LLM (LoRA options included; the paper's prototype: r 4, alpha 8).
         lr: AdamW learning rate (prototype: 2e-5).
         weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps, then constant.
+        warmup_steps: linear warm-up steps.
+        lr_schedule: after the warm-up, ``constant`` or ``cosine`` (down to 0 at the last optimiser step).
         max_length: longest prompt + trajectory in tokens (None: no cut).
         sampling: generation settings of the answer evaluation after fit.
         scorer: how ŷ is read in that evaluation (``parse`` or ``token_probability``).
@@ -79,6 +81,7 @@ class SFTModule(AdapterCheckpointing, AnswerEvaluator):
         lr: PositiveFloat = 2e-5,
         weight_decay: float = 0.0,
         warmup_steps: NonNegativeInt = 10,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         max_length: Optional[PositiveInt] = None,
         sampling: SamplingOptions = SamplingOptions(max_new_tokens=256),
         scorer: Literal["parse", "token_probability"] = "parse",
@@ -144,6 +147,7 @@ class SFTModule(AdapterCheckpointing, AnswerEvaluator):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warmup = max(int(self.hparams.warmup_steps), 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        hp = self.hparams
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, hp.warmup_steps, hp.get("lr_schedule", "constant")))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

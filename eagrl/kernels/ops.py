@@ -111,14 +111,30 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
 _fused.register_autograd(_backward, setup_context=_setup_context)
 
 
+def check_ids(ids: torch.Tensor, vocab: int) -> None:
+    """Every sampled id must index a column of the logits: the kernel reads ``logits[row, id]`` unchecked."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"token ids must lie in [0, {vocab}) (the logits' vocabulary), got [{int(ids.min())}, {int(ids.max())}]")
+
+
 def token_logp_entropy(
     logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, backend: Backend = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logp, entropy, lse)`` per row of ``logits`` [N, V] (float32/bf16/fp16; fp32 results) for the
-    sampled ``ids`` [N] at ``temperature``; differentiable w.r.t. ``logits`` on both paths."""
+    sampled ``ids`` [N] at ``temperature``; differentiable w.r.t. ``logits`` on both paths. Checks the ids'
+    range and resolves ``backend`` (use ``token_logp_entropy_on`` with a resolved path inside a compiled region)."""
     if logits.dim() != 2 or ids.shape != logits.shape[:1]:
         raise ValueError(f"expected logits [N, V] and ids [N], got {tuple(logits.shape)} and {tuple(ids.shape)}")
-    if resolve_backend(backend, logits.device) == "torch":
+    check_ids(ids, logits.shape[1])
+    return token_logp_entropy_on(resolve_backend(backend, logits.device), logits, ids, temperature)
+
+
+def token_logp_entropy_on(
+    path: Literal["triton", "torch"], logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``token_logp_entropy`` on a path already resolved (``resolve_backend``), with no check that reads the
+    data or the environment: what a ``torch.compile(fullgraph=True)`` region calls."""
+    if path == "torch":
         return token_logp_entropy_reference(logits, ids, temperature)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()

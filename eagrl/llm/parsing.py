@@ -10,6 +10,12 @@ The probability rule (``parse_probability``), applied to the text after the last
 2. with no number, the first (last, without the tag) ``yes`` / ``no`` word gives 1.0 / 0.0;
 3. otherwise None (unparseable; the rewards give it their minimum).
 
+That is the lenient reading, which evaluation uses (and reports the strict parse rate beside). The reward
+path (stage 1's search and stage 2's rollouts) reads strictly (``strict=True``), so that a reward cannot
+be earned by accident: only the ``<Final Answer>`` span is read (no tag, no ŷ: a truncated completion
+ending "HR 88" is not ŷ = 0.88), its first number must be a probability in [0, 1] or a percentage written
+with "%" / "percent" (a bare 73 or 1.5 is unparseable), and yes / no words do not count.
+
 Feature names (``FeatureMatcher``): the text after the last ``<Important Features>`` tag (up to the next
 tag) is split on commas, semicolons, new lines and " and "; each item is normalised (case, spacing,
 punctuation, bullets, a trailing parenthesised unit) and looked up among the dataset's feature names and
@@ -121,12 +127,14 @@ def section(text: str, tag: str) -> Optional[str]:
     return None if span is None else text[span[0] : span[1]]
 
 
-def parse_probability(text: str) -> Optional[float]:
-    """ŷ in [0, 1] from a completion (the rule in the module docstring), or None."""
+def parse_probability(text: str, strict: bool = False) -> Optional[float]:
+    """ŷ in [0, 1] from a completion (the rules in the module docstring; ``strict``: the reward path's), or None."""
     if not isinstance(text, str):
         return None
     region = section(text, "Final Answer")
     tagged = region is not None
+    if strict and not tagged:
+        return None
     region = region if tagged else text[-2000:]
     numbers = list(NUMBER.finditer(region))
     if numbers:
@@ -139,9 +147,11 @@ def parse_probability(text: str) -> Optional[float]:
             return None
         if match.group(2):
             value /= 100.0
-        elif 1.0 < value <= 100.0:
+        elif 1.0 < value <= 100.0 and not strict:
             value /= 100.0
         return value if 0.0 <= value <= 1.0 else None
+    if strict:
+        return None
     if re.search(r"\bnan\b|\binf", region, re.IGNORECASE):
         return None
     words = list(YES_NO.finditer(region))
@@ -215,18 +225,20 @@ class FeatureMatcher:
 
 @dataclass
 class ParsedAnswer:
-    """What a completion says: ŷ (None when unparseable), the named features, the unknown-name count."""
+    """What a completion says: ŷ read leniently (evaluation) and strictly (the rewards; None when
+    unparseable), the named features, the count of named items that are not features of the dataset."""
 
     probability: Optional[float]
     features: list[str]
     unknown_features: int
+    strict_probability: Optional[float] = None
 
 
 def parse_answer(text: str, matcher: FeatureMatcher) -> ParsedAnswer:
     if not isinstance(text, str):
-        return ParsedAnswer(None, [], 0)
+        return ParsedAnswer(None, [], 0, None)
     features, unknown = matcher.parse(text)
-    return ParsedAnswer(parse_probability(text), features, unknown)
+    return ParsedAnswer(parse_probability(text), features, unknown, parse_probability(text, strict=True))
 
 
 def parse_answers(texts: Iterable[str], matcher: FeatureMatcher) -> list[ParsedAnswer]:

@@ -160,15 +160,16 @@ def backup(node: Node, reward: float) -> None:
 def score(patients: Sequence[Patient], paths: Sequence[list[Step]], matcher: FeatureMatcher, reward: RewardConfig) -> list[Trajectory]:
     """Score finished trajectories (``paths[i]`` belongs to ``patients[i]``; its last step is final)."""
     parsed = [parse_answer(path[-1].text if path else "", matcher) for path in paths]
-    out = combined_reward(
-        [p.probability for p in parsed],
+    out = combined_reward(  # the reward path reads ŷ strictly (eagrl.llm.parsing)
+        [p.strict_probability for p in parsed],
         [patient.label for patient in patients],
         [p.features for p in parsed],
         [patient.expert_top_k for patient in patients],
         reward,
+        [p.unknown_features for p in parsed],
     )
     return [
-        Trajectory(list(path), p.probability, p.features, float(out["r_cls"][i]), float(out["r_att"][i]), float(out["reward"][i]), len(path))
+        Trajectory(list(path), p.strict_probability, p.features, float(out["r_cls"][i]), float(out["r_att"][i]), float(out["reward"][i]), len(path))
         for i, (path, p) in enumerate(zip(paths, parsed))
     ]
 

@@ -300,16 +300,20 @@ def load_backbone(options: BackboneOptions | None = None):
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
     if options.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        if options.gradient_checkpointing:
-            model.enable_input_require_grads()
-        lora = options.lora
-        config = LoraConfig(
-            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM"
-        )
-        model = get_peft_model(model, config)
+        model = add_lora(model, options.lora, options.gradient_checkpointing)
     return model, tokenizer
+
+
+def add_lora(model, lora: LoraOptions, gradient_checkpointing: bool = False):
+    """``model`` with fresh, trainable LoRA adapters (peft) on ``lora.target_modules``."""
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
 
 
 def context_length(model, options: BackboneOptions | None = None) -> int:

@@ -11,6 +11,8 @@
   r = exp(logp − logp_old), aggregated by per-token weights (token-mean: 1 / tokens in the rollout
   batch), plus an optional k3 KL estimate to the reference policy. Returns the loss and the fractions of
   tokens whose ratio is clipped low / high.
+- ``aggregation_weights``: the per-token weights of the three loss aggregations (token_mean,
+  seq_mean_token_mean, seq_mean_token_sum_norm).
 - ``policy_loss``: the fused log-prob/entropy op over the completion logits followed by the surrogate;
   this is the function the RL module runs under ``torch.compile(fullgraph=True)``.
 """
@@ -22,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from eagrl.kernels import token_logp_entropy
+from eagrl.kernels import token_logp_entropy_on
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -49,6 +51,31 @@ def clip_high_from_entropy(
     span = high - low
     scaled = torch.where(span > 0, (h - low) / span.clamp_min(torch.finfo(h.dtype).tiny), torch.full_like(h, 0.5))
     return eps_min + (eps_max - eps_min) * scaled
+
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregation_weights(lengths: torch.Tensor, mode: str, tokens: float, sequences: float, max_length: int) -> torch.Tensor:
+    """Per-token weights [N] of a mini-batch's loss sum, for completions of ``lengths`` [S] (this rank's share).
+
+    ``tokens`` / ``sequences``: the mini-batch's totals over every rank. Modes:
+    - ``token_mean`` (DAPO): every token weighs 1 / tokens, so long completions count per token;
+    - ``seq_mean_token_mean`` (the original GRPO): each completion's token mean, averaged over completions:
+      1 / (|y| · sequences);
+    - ``seq_mean_token_sum_norm`` (Dr. GRPO): each completion's token sum over a constant, the longest
+      allowed completion ``max_length``, averaged over completions: 1 / (max_length · sequences).
+    """
+    lengths = lengths.float()
+    if mode == "token_mean":
+        per_sequence = torch.full_like(lengths, 1.0 / max(tokens, 1.0))
+    elif mode == "seq_mean_token_mean":
+        per_sequence = 1.0 / (lengths.clamp_min(1.0) * max(sequences, 1.0))
+    elif mode == "seq_mean_token_sum_norm":
+        per_sequence = torch.full_like(lengths, 1.0 / (max(max_length, 1) * max(sequences, 1.0)))
+    else:
+        raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
+    return torch.repeat_interleave(per_sequence, lengths.long())  # [N]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor, n_segments: int) -> torch.Tensor:
@@ -117,13 +144,14 @@ def policy_loss(
     eps_low: float,
     kl_coef: float,
     temperature: float,
-    backend: str = "auto",
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``(loss, logp, entropy, stats)`` for completion logits [N, V] and sampled ``ids`` [N]; the other
-    tensors are [N] as in ``clipped_surrogate``. ``old_logp`` None: the rollout policy is the current one
-    (the first pass over a rollout), so its log-probs are this forward's, detached. ``ref_logp`` is used
-    only when ``kl_coef`` > 0."""
-    logp, entropy, _ = token_logp_entropy(logits, ids, temperature, backend)  # [N] each, fp32
+    tensors are [N] as in ``clipped_surrogate``. ``old_logp`` None: the rollout policy is the current one,
+    so its log-probs are this forward's, detached. ``ref_logp`` is used only when ``kl_coef`` > 0.
+    ``backend`` is a resolved path (``triton`` or ``torch``: ``eagrl.kernels.resolve_backend``, called once
+    outside this function, so a compiled region never resolves it)."""
+    logp, entropy, _ = token_logp_entropy_on(backend, logits, ids, temperature)  # [N] each, fp32
     if old_logp is None:
         old_logp = logp.detach()
     loss, stats = clipped_surrogate(logp, old_logp, advantages, weights, eps_low, eps_high, ref_logp if kl_coef > 0 else None, kl_coef)
@@ -158,6 +186,22 @@ class Rollout:
     @property
     def n_tokens(self) -> int:
         return sum(len(c) for c in self.completions)
+
+    @staticmethod
+    def concat(parts: list["Rollout"]) -> "Rollout":
+        """The groups of ``parts`` (same G) in one rollout, in order."""
+        return Rollout(
+            prompt_ids=[q for r in parts for q in r.prompt_ids],
+            completions=[c for r in parts for c in r.completions],
+            texts=[t for r in parts for t in r.texts],
+            rewards=torch.cat([r.rewards for r in parts]),
+            r_cls=torch.cat([r.r_cls for r in parts]),
+            r_att=torch.cat([r.r_att for r in parts]),
+            parsed=torch.cat([r.parsed for r in parts]),
+            advantages=torch.cat([r.advantages for r in parts]),
+            key_mask=[m for r in parts for m in r.key_mask],
+            group_size=parts[0].group_size,
+        )
 
     def select_groups(self, keep: torch.Tensor) -> "Rollout":
         """The rollout restricted to the prompts where ``keep`` [P] holds."""

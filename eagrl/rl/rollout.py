@@ -3,7 +3,8 @@ the completions with the prompt computed once per group.
 
 - ``key_token_mask``: per completion token, whether it lies inside the ``<Important Features>`` span
   (the text after the tag up to the next tag). Token boundaries come from decoding the sampled ids
-  themselves (not from re-tokenising the text), so the mask lines up with the tokens the loss sees.
+  themselves (not from re-tokenising the text), so the mask lines up with the tokens the loss sees; they
+  are found in linear time (``token_ends``: incremental detokenisation).
 - ``completion_logits``: the logits of G completions of one prompt, [N, V] over their N tokens. The
   prompt (often 1-3k tokens of EHR) runs once, with gradient, and its key/value cache is repeated for
   the G completions, so a group costs one prompt forward + G short ones instead of G long ones (the
@@ -22,6 +23,24 @@ from eagrl.llm.parsing import section_span
 KEY_TAG = "Important Features"
 
 
+def token_ends(tokenizer, tokens: list[int]) -> list[int]:
+    """Per token, the end (in characters) of its text in ``decode(tokens)``, in linear time: each token's text
+    comes from decoding a short window since the last complete character (incremental detokenisation), not
+    the whole prefix. Falls back to one decode per prefix when the pieces do not add up to the whole (a
+    tokenizer that drops a leading space at the start of a decode)."""
+    ends, length, prefix, read = [], 0, 0, 0
+    for k in range(len(tokens)):
+        before = tokenizer.decode(tokens[prefix:read], skip_special_tokens=True)
+        after = tokenizer.decode(tokens[prefix : k + 1], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # a complete character (not half a UTF-8 one)
+            length += len(after) - len(before)
+            prefix, read = read, k + 1
+        ends.append(length)
+    if not tokens or length == len(tokenizer.decode(tokens, skip_special_tokens=True)):
+        return ends
+    return [len(tokenizer.decode(tokens[: k + 1], skip_special_tokens=True)) for k in range(len(tokens))]
+
+
 def key_token_mask(tokenizer, tokens: list[int], tag: str = KEY_TAG) -> list[bool]:
     """A bool per token of ``tokens``: inside the last ``<tag>`` section of their decoded text. All False
     when the tag is absent (the caller then falls back to every token)."""
@@ -31,8 +50,7 @@ def key_token_mask(tokenizer, tokens: list[int], tag: str = KEY_TAG) -> list[boo
         return [False] * len(tokens)
     start, end = span
     mask, previous = [], 0
-    for k in range(len(tokens)):
-        length = len(tokenizer.decode(tokens[: k + 1], skip_special_tokens=True))
+    for length in token_ends(tokenizer, tokens):
         mask.append(previous < end and length > start and length > previous)  # token chars [previous, length)
         previous = max(previous, length)
     return mask

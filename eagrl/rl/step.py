@@ -1,27 +1,34 @@
 """One policy update over a rollout batch (METHOD.md §4), independent of Lightning.
 
-``optimise`` runs ``ppo_epochs`` passes over a ``Rollout``, each one optimiser step: per prompt, the
-completions' logits with the prompt computed once (``completion_logits``), the loss (``policy_loss``:
-fused log-prob/entropy op + clipped surrogate, token-mean over the rollout batch), the backward, and,
-after every prompt of the pass, gradient clipping and the step.
+``optimise`` follows the paper's framework (verl's ``ppo_mini_batch_size``):
 
-Rollout log-probs: the first pass's own (detached), taken before any update, so no separate forward is
-needed. EAG-RL's ε(τ) must be known before a prompt's loss: with one prompt per batch it comes from
-that prompt's forward (the entropies are read from the logits first); with several prompts a no-grad
-pass over the batch runs first (it also gives the rollout log-probs), so ε(τ) is normalised over the
-whole batch. A KL penalty adds a no-grad pass of the model with its LoRA adapter disabled.
+1. a no-grad scoring pass of the rollout policy over every completion gives the old log-probs and the
+   token entropies, before any update; EAG-RL's ε(τ) comes from those entropies (each trajectory's mean
+   over its key tokens, min-max normalised over the batch of every rank);
+2. the rollout batch (B completions, group-major) is cut into mini-batches of ``mini_batch_size``
+   completions; each mini-batch is one optimiser step, for ``ppo_epochs`` passes. From the second step on
+   the policy has moved, so the ratios leave 1 and the clips act;
+3. per mini-batch and prompt, the logits of that prompt's completions in the mini-batch with the prompt
+   computed once (``completion_logits``), the loss (``policy_loss``: fused log-prob/entropy op + clipped
+   surrogate, aggregated by ``loss_agg`` over the mini-batch), the backward; then gradient clipping and the
+   step.
+
+A KL penalty adds a no-grad pass of the model with its LoRA adapter disabled. Under DDP every rank takes
+the k-th mini-batch of its own rollout, the aggregation normalisers are those of the k-th mini-batches
+of every rank, and the gradients are summed over the ranks before each step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from eagrl.distributed import all_reduce, sum_gradients, world_size
-from eagrl.kernels import token_logp_entropy
-from eagrl.rl.grpo import Rollout, clip_high_from_entropy, masked_mean, policy_loss
+from eagrl.kernels import check_ids, token_logp_entropy_on
+from eagrl.rl.grpo import Rollout, aggregation_weights, clip_high_from_entropy, masked_mean, policy_loss
 from eagrl.rl.rollout import completion_logits
 
 
@@ -30,6 +37,9 @@ class UpdateConfig:
     """Settings of a policy update (the RL module's arguments of the same names)."""
 
     ppo_epochs: int = 1
+    mini_batch_size: int | None = None  # completions per optimiser step; None: the whole rollout batch
+    loss_agg: str = "token_mean"
+    max_length: int = 256  # the longest completion (rollout max_new_tokens): seq_mean_token_sum_norm's constant
     eps_low: float = 0.2
     eps_high: float = 0.2
     adaptive_clip: bool = True
@@ -38,7 +48,7 @@ class UpdateConfig:
     kl_coef: float = 0.0
     max_grad_norm: float = 1.0
     temperature: float = 1.0
-    backend: str = "auto"
+    backend: str = "torch"  # a resolved path: triton or torch
 
 
 def _device(model) -> torch.device:
@@ -56,9 +66,13 @@ def _group_tensors(rollout: Rollout, p: int, device: torch.device) -> dict[str, 
     return {"segments": segments.to(device), "key": key.to(device), "advantages": advantages.to(device)}
 
 
-def _logits(model, rollout: Rollout, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits(model, rollout: Rollout, p: int, members: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, V] and ids [N] of prompt p's completions (``members``: their indices in the group; None: all)."""
     group = rollout.group_size
-    return completion_logits(model, rollout.prompt_ids[p], rollout.completions[p * group : (p + 1) * group])
+    members = list(range(group)) if members is None else members
+    logits, ids = completion_logits(model, rollout.prompt_ids[p], [rollout.completions[p * group + g] for g in members])
+    check_ids(ids, logits.shape[1])
+    return logits, ids
 
 
 @torch.no_grad()
@@ -71,9 +85,24 @@ def score(model, rollout: Rollout, config: UpdateConfig, reference: bool = False
                 logits, ids = _logits(model, rollout, p)
         else:
             logits, ids = _logits(model, rollout, p)
-        logp, entropy, _ = token_logp_entropy(logits, ids, config.temperature, config.backend)
+        logp, entropy, _ = token_logp_entropy_on(config.backend, logits, ids, config.temperature)
         out.append((logp, entropy))
     return out
+
+
+def _per_trajectory(rollout: Rollout, per_prompt: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Split per-prompt token tensors [N_p] into per-trajectory ones [|y_b|] (B, group-major)."""
+    out = []
+    for p, values in enumerate(per_prompt):
+        lengths = [len(rollout.completions[p * rollout.group_size + g]) for g in range(rollout.group_size)]
+        out.extend(torch.split(values, lengths))
+    return out
+
+
+def mini_batches(n_trajectories: int, size: int | None) -> list[list[int]]:
+    """The trajectories 0..B-1 cut, in order, into mini-batches of ``size`` (None: one mini-batch)."""
+    size = n_trajectories if not size else size
+    return [list(range(k, min(k + size, n_trajectories))) for k in range(0, n_trajectories, max(size, 1))]
 
 
 def clip_bounds(rollout: Rollout, entropies: list[torch.Tensor], config: UpdateConfig, device: torch.device | None = None) -> torch.Tensor:
@@ -99,73 +128,101 @@ def optimise(
     config: UpdateConfig,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     loss_fn: Callable = policy_loss,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Update ``model`` on ``rollout``: ``ppo_epochs`` optimiser steps. Returns the statistics of the
-    update: loss, clip_low, clip_high, ratio, kl (means over the passes), entropy and key_entropy (of the
-    first pass), eps_high (mean ε), grad_norm (of the last step)."""
+    """Update ``model`` on ``rollout``: ``ppo_epochs`` passes over its mini-batches, one optimiser step each
+    (see the module docstring). Returns the statistics of the update: loss (mean over the steps),
+    clip_low, clip_high, ratio, kl (token means over every step), entropy and key_entropy (of the rollout
+    policy), eps_high with eps_high_min / eps_high_max (ε of the trajectories), steps, grad_norm (last step)."""
     device = _device(model)
-    group, n_prompts = rollout.group_size, len(rollout.prompt_ids)
+    group, n_prompts, n_traj = rollout.group_size, len(rollout.prompt_ids), len(rollout.completions)
     distributed = world_size() > 1
-    total_tokens = float(all_reduce(torch.tensor([float(rollout.n_tokens)], device=device))[0])  # of every rank
-    weight = 1.0 / max(total_tokens, 1.0)  # token-mean over the rollout batch (of every rank)
-    old: list[Optional[torch.Tensor]] = [None] * n_prompts
-    eps_high: Optional[torch.Tensor] = None  # [B]
-    if not config.adaptive_clip:
-        eps_high = torch.full((n_prompts * group,), float(config.eps_high), device=device)
-    elif n_prompts > 1 or distributed:  # ε(τ) normalised over the batch (every rank's) before any loss
-        scored = score(model, rollout, config)
-        old = [logp for logp, _ in scored]
-        eps_high = clip_bounds(rollout, [h for _, h in scored], config, device)
-    reference = score(model, rollout, config, reference=True) if config.kl_coef > 0 else [None] * n_prompts
-    per_prompt = [_group_tensors(rollout, p, device) for p in range(n_prompts)]  # the same every pass
+    lengths = torch.tensor([len(c) for c in rollout.completions], dtype=torch.float64)  # [B]
+
+    # 1. the rollout policy, before any update: old log-probs, entropies, ε(τ)
+    scored = score(model, rollout, config)
+    old = _per_trajectory(rollout, [logp for logp, _ in scored])  # B x [|y_b|]
+    entropies = [h for _, h in scored]
+    if config.adaptive_clip:
+        eps_high = clip_bounds(rollout, entropies, config, device)  # [B]
+    else:
+        eps_high = torch.full((n_traj,), float(config.eps_high), device=device)
+    reference = _per_trajectory(rollout, [logp for logp, _ in score(model, rollout, config, reference=True)]) if config.kl_coef > 0 else None
+    key = [torch.tensor(m, dtype=torch.bool, device=device) for m in rollout.key_mask]  # B x [|y_b|]
+    entropy_b = _per_trajectory(rollout, entropies)
+    entropy_sum = sum(float(h.sum()) for h in entropy_b)
+    key_entropy_sum = sum(float((h * k).sum()) for h, k in zip(entropy_b, key))
+    key_tokens = sum(float(k.sum()) for k in key)
+
+    # 2. the mini-batches: as many steps on every rank (a rank with fewer completions steps with zero gradient)
+    batches = mini_batches(n_traj, config.mini_batch_size)
+    n_steps = int(all_reduce(torch.tensor([float(len(batches))], device=device), "max")[0]) if distributed else len(batches)
+    batches += [[] for _ in range(n_steps - len(batches))]
     model.train()
-    sums: dict[str, float] = {}
-    entropy_sum = key_entropy_sum = key_tokens = 0.0
+    sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio": 0.0, "kl": 0.0}
+    counted_tokens = 0.0
     norm = torch.tensor(0.0)
-    for epoch in range(config.ppo_epochs):
-        for p in range(n_prompts):
-            tensors = per_prompt[p]
-            logits, ids = _logits(model, rollout, p)  # [N_p, V], [N_p]
-            n = ids.shape[0]
-            if eps_high is None:  # one prompt with ε(τ): from this forward's entropies
-                with torch.no_grad():
-                    _, entropy, _ = token_logp_entropy(logits.detach(), ids, config.temperature, config.backend)
-                eps_high = clip_bounds(rollout, [entropy], config)
-            eps_tokens = eps_high[p * group : (p + 1) * group][tensors["segments"]]  # [N_p]
-            ref_logp = reference[p][0] if reference[p] is not None else None
-            weights = torch.full((n,), weight, device=device)
-            loss, logp, entropy, stats = loss_fn(
-                logits, ids, old[p], tensors["advantages"], weights, eps_tokens, ref_logp,
-                config.eps_low, config.kl_coef, config.temperature, config.backend,
-            )  # fmt: skip
-            backward(loss)
-            if old[p] is None:
-                old[p] = logp
-            if epoch == 0:
-                entropy_sum += float(entropy.sum())
-                key_entropy_sum += float((entropy * tensors["key"]).sum())
-                key_tokens += float(tensors["key"].sum())
-            for name, value in {"loss": loss.detach(), **stats}.items():
-                share = 1.0 if name == "loss" else n * weight  # stats are means over this prompt's tokens
-                sums[name] = sums.get(name, 0.0) + float(value) * share / config.ppo_epochs
-        if distributed:  # each rank's loss is its share of the global token mean: the sum is the whole gradient
-            sum_gradients([q for g in optimizer.param_groups for q in g["params"] if q.requires_grad])
-        params = [q for g in optimizer.param_groups for q in g["params"] if q.grad is not None]
-        if params:
-            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    for _ in range(config.ppo_epochs):
+        for members in batches:
+            totals = torch.tensor([float(lengths[members].sum()), float(len(members))], dtype=torch.float64, device=device)
+            tokens, sequences = all_reduce(totals).tolist() if distributed else totals.tolist()
+            by_prompt: dict[int, list[int]] = {}
+            for b in members:
+                by_prompt.setdefault(b // group, []).append(b % group)
+            step_loss = 0.0
+            for p, in_group in by_prompt.items():
+                rows = [p * group + g for g in in_group]
+                logits, ids = _logits(model, rollout, p, in_group)  # [N, V], [N]
+                segment_lengths = lengths[rows]
+                segments = torch.repeat_interleave(torch.arange(len(rows), device=device), segment_lengths.long().to(device))  # [N]
+                weights = aggregation_weights(segment_lengths, config.loss_agg, tokens, sequences, config.max_length).to(device)
+                advantages = rollout.advantages[rows].float().to(device)[segments]  # [N]
+                eps_tokens = eps_high[rows][segments]  # [N]
+                old_logp = torch.cat([old[b] for b in rows])
+                ref_logp = torch.cat([reference[b] for b in rows]) if reference is not None else None
+                loss, _, _, stats = loss_fn(
+                    logits, ids, old_logp, advantages, weights, eps_tokens, ref_logp,
+                    config.eps_low, config.kl_coef, config.temperature, config.backend,
+                )  # fmt: skip
+                backward(loss)
+                n = float(ids.shape[0])
+                step_loss += float(loss.detach())
+                counted_tokens += n
+                for name in ("clip_low", "clip_high", "ratio", "kl"):
+                    sums[name] += float(stats[name]) * n  # stats are means over these tokens
+            sums["loss"] += step_loss
+            if distributed:  # each rank's loss is its share of the mini-batch's aggregate: the sum is the whole gradient
+                sum_gradients([q for g in optimizer.param_groups for q in g["params"] if q.requires_grad])
+            params = [q for g in optimizer.param_groups for q in g["params"] if q.grad is not None]
+            if params:
+                norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
+    steps = config.ppo_epochs * n_steps
     names = ("loss", "clip_low", "clip_high", "ratio", "kl")
     totals = all_reduce(torch.tensor(
-        [sums.get(name, 0.0) for name in names] + [entropy_sum, key_entropy_sum, key_tokens, float(eps_high.sum()), float(eps_high.numel())],
+        [sums[name] for name in names] + [counted_tokens, entropy_sum, key_entropy_sum, key_tokens, float(lengths.sum()),
+                                          float(eps_high.sum()), float(n_traj)],
         dtype=torch.float64, device=device,
     )).tolist()  # fmt: skip
-    out = dict(zip(names, totals))
-    entropy_total, key_entropy_total, key_total, eps_total, trajectories = totals[len(names):]
-    out.update(
-        entropy=entropy_total / max(total_tokens, 1.0),
-        key_entropy=key_entropy_total / key_total if key_total else float("nan"),
-        eps_high=eps_total / trajectories if trajectories else float("nan"),
-        grad_norm=float(norm),
-    )
-    return out
+    loss_total, clip_low, clip_high, ratio, kl, tokens_seen, entropy_total, key_entropy_total, key_total, all_tokens, eps_total, trajectories = totals
+    inf = torch.tensor([math.inf], dtype=torch.float64, device=device)
+    spread = torch.stack([-torch.cat([eps_high.double(), inf]).min(), torch.cat([eps_high.double(), -inf]).max()])
+    negated_min, high = all_reduce(spread, "max").tolist()  # one collective, every rank (an empty one too)
+    seen = max(tokens_seen, 1.0)
+    return {
+        "loss": loss_total / max(steps, 1),  # the ranks' shares summed: the mini-batch loss, averaged over the steps
+        "clip_low": clip_low / seen,
+        "clip_high": clip_high / seen,
+        "ratio": ratio / seen,
+        "kl": kl / seen,
+        "entropy": entropy_total / max(all_tokens, 1.0),
+        "key_entropy": key_entropy_total / key_total if key_total else float("nan"),
+        "eps_high": eps_total / trajectories if trajectories else float("nan"),
+        "eps_high_min": -negated_min if trajectories else float("nan"),
+        "eps_high_max": high if trajectories else float("nan"),
+        "steps": float(steps),
+        "grad_norm": float(norm),
+    }

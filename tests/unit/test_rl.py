@@ -168,7 +168,7 @@ def test_clip_bounds_normalise_over_the_whole_batch():
 def _module(**overrides):
     from lightning_modules.rl import RLModule
 
-    kwargs = {"backbone": BackboneOptions(name="tiny-random-llama", lora=LoraOptions()), "reward": {"use_attention": False}}
+    kwargs = {"backbone": BackboneOptions(name="tiny-random-llama", lora=LoraOptions(dropout=0.0)), "reward": {"use_attention": False}}
     kwargs.update(overrides)
     from eagrl.rl.rewards import RewardConfig
 
@@ -181,7 +181,7 @@ def _module(**overrides):
     [
         ({"group_size": 1}, "group_size must be >= 2"),
         ({"eps_min": 0.5, "eps_max": 0.3}, "eps_min .* must not exceed"),
-        ({"backbone": BackboneOptions(name="runs/tjh/sft/model/merged-missing", lora=LoraOptions())}, "does not exist: stage 2 starts"),
+        ({"backbone": BackboneOptions(name="runs/tjh/sft/model/merged-missing", lora=LoraOptions(dropout=0.0))}, "does not exist: stage 2 starts"),
         ({"init_adapter": "/nonexistent/adapter"}, "model.init_adapter: /nonexistent/adapter does not exist"),
         ({"rollout_sampling": SamplingOptions(do_sample=False)}, "do_sample must be true"),
         ({"reward": {"use_attention": True}}, "expert_attention"),
