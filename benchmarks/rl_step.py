@@ -72,7 +72,10 @@ def run_ours(args) -> dict:
     model, tokenizer = load_backbone(BackboneOptions(dtype="float32", lora=lora))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     sampling = SamplingOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True, temperature=1.0)
-    config = UpdateConfig(adaptive_clip=True, backend="auto")
+    from eagrl.kernels import resolve_backend
+
+    # one optimiser step per rollout, as TRL's GRPOTrainer at its defaults, so both do the same work
+    config = UpdateConfig(adaptive_clip=True, backend=resolve_backend("auto", model.device))
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     times, rewards = [], []
     for _ in range(args.steps):

@@ -3,13 +3,16 @@
 A trajectory continues the patient's decomposition prompt (``eagrl.llm.prompts``, style ``decomposition``)
 in the assistant turn. ``propose_steps`` makes two batched calls over every (prefix, candidate): the
 sub-questions (after ``<Subquestion>``, stopped at the next tag), then their answers (after ``<Answer>``);
-``propose_finals`` makes one (after ``<Final subquestion>``, to the end: important features and final
-answer). Each call has its own sampling settings.
+``propose_finals`` makes three, scaffolded the same way: the final sub-question (after ``<Final subquestion>``),
+the important features (after ``<Important Features>``) and the final answer (after ``<Final Answer>``, a few
+tokens). The tags are written by the search, the content by the model, so every final step has the
+structure the strict reward reads (``eagrl.llm.parsing``) and ŷ is still only what the model writes after
+``<Final Answer>``. Each kind of call has its own sampling settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from eagrl.llm.generation import PromptCache, SamplingOptions, generate, generate_continuations
@@ -45,6 +48,10 @@ class PolicySampling:
 
 SUBQUESTION_STOPS = ["<Answer>", "<Subquestion>", "<Final", "<Important"]
 ANSWER_STOPS = ["<Subquestion>", "<Final", "<Important", "<Answer>"]
+FINAL_QUESTION_STOPS = ["<Important", "<Final", "<Subquestion>", "<Answer>"]
+FEATURE_STOPS = ["<Final", "<Subquestion>", "<Answer>", "<Important", "\n\n"]
+FINAL_ANSWER_STOPS = ["\n", "<"]
+FINAL_ANSWER_TOKENS = 12  # a probability or a percentage
 
 
 def render_prefix(steps: Sequence[Step]) -> str:
@@ -90,6 +97,19 @@ class LLMPolicy:
     def propose_finals(self, prompts: Sequence[str], prefixes: Sequence[list[Step]], n: int) -> list[list[Step]]:
         owners = [prompt for prompt in prompts for _ in range(n)]
         tails = [render_prefix(prefix) + "<Final subquestion>" for prefix in prefixes for _ in range(n)]
-        finals = self._generate(owners, tails, self.sampling.final, None)
-        steps = [Step(f"<Final subquestion> {f.text.strip()}", final=True, tokens=f.new_tokens) for f in finals]
+        final = self.sampling.final
+        questions = self._generate(owners, tails, final, FINAL_QUESTION_STOPS)
+        feature_tails = [t + q.text.rstrip() + "\n<Important Features>" for t, q in zip(tails, questions)]
+        features = self._generate(owners, feature_tails, final, FEATURE_STOPS)
+        answer_tails = [t + f.text.rstrip() + "\n<Final Answer>" for t, f in zip(feature_tails, features)]
+        short = replace(final, max_new_tokens=min(final.max_new_tokens, FINAL_ANSWER_TOKENS), min_new_tokens=0)
+        answers = self._generate(owners, answer_tails, short, FINAL_ANSWER_STOPS)
+        steps = [
+            Step(
+                f"<Final subquestion> {q.text.strip()}\n<Important Features> {f.text.strip()}\n<Final Answer> {a.text.strip()}",
+                final=True,
+                tokens=q.new_tokens + f.new_tokens + a.new_tokens,
+            )
+            for q, f, a in zip(questions, features, answers)
+        ]
         return [steps[k * n : (k + 1) * n] for k in range(len(prefixes))]

@@ -48,7 +48,13 @@ class UpdateConfig:
     kl_coef: float = 0.0
     max_grad_norm: float = 1.0
     temperature: float = 1.0
-    backend: str = "torch"  # a resolved path: triton or torch
+    backend: str = "torch"  # a resolved path: triton or torch (eagrl.kernels.resolve_backend)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("triton", "torch"):
+            raise ValueError(f"UpdateConfig.backend must be a resolved path, 'triton' or 'torch' (resolve_backend), got {self.backend!r}")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError(f"UpdateConfig.mini_batch_size must be >= 1 completion, got {self.mini_batch_size}")
 
 
 def _device(model) -> torch.device:

@@ -33,20 +33,21 @@ def test_rl_fit_then_resume(tmp_path, tjh_expert, session_cache):
                  "train/clip_high", "train/kl", "train/completion_length", "train/step_time", "train/eps_high", "test/auroc"):  # fmt: skip
         assert name in metrics, name
     assert 0.2 <= metrics["train/eps_high"] <= 0.4
+    assert metrics["train/steps"] == 2  # 2 patients x G = 3 in mini-batches of 3: 2 optimiser steps per rollout
     for path in ("model/adapter/adapter_config.json", "model/merged/model.safetensors", "generations.jsonl", "checkpoints/last.ckpt"):
         assert (tmp_path / path).is_file(), path
     checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2 and "RandomState" in checkpoint["callbacks"]
     assert all("lora" in k for k in checkpoint["state_dict"])  # the trainable weights only
     steps = [s["step"] for s in checkpoint["optimizer_states"][0]["state"].values()]
-    assert steps and all(int(s) == 2 for s in steps)
+    assert steps and all(int(s) == 4 for s in steps)  # 2 rollouts x 2 mini-batch steps
 
     resumed = _fit(tmp_path, tjh_expert, session_cache, "--ckpt_path", str(tmp_path / "checkpoints/last.ckpt"), "--trainer.max_epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 4 and checkpoint["epoch"] == 1
     steps = [s["step"] for s in checkpoint["optimizer_states"][0]["state"].values()]
-    assert all(int(s) == 4 for s in steps)  # AdamW's state carried on, not restarted
+    assert all(int(s) == 8 for s in steps)  # AdamW's state carried on, not restarted
 
 
 @pytest.mark.parametrize("config", RL_CONFIGS)
