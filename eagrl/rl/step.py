@@ -13,9 +13,10 @@
    surrogate, aggregated by ``loss_agg`` over the mini-batch), the backward; then gradient clipping and the
    step.
 
-A KL penalty adds a no-grad pass of the model with its LoRA adapter disabled. Under DDP every rank takes
-the k-th mini-batch of its own rollout, the aggregation normalisers are those of the k-th mini-batches
-of every rank, and the gradients are summed over the ranks before each step.
+A KL penalty adds a no-grad pass of the model with its LoRA adapter disabled. Under DDP the mini-batches
+are those of the global batch (the one-process batch: ``mini_batches``); each rank computes its share of
+mini-batch k, the aggregation normalisers are the whole mini-batch's, and the gradients are summed over
+the ranks before each step, so N ranks take the one-process steps.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from eagrl.distributed import all_reduce, sum_gradients, world_size
+from eagrl.distributed import all_reduce, rank, sum_gradients, world_size
 from eagrl.kernels import check_ids, token_logp_entropy_on
 from eagrl.rl.grpo import Rollout, aggregation_weights, clip_high_from_entropy, masked_mean, policy_loss
 from eagrl.rl.rollout import completion_logits
@@ -105,10 +106,22 @@ def _per_trajectory(rollout: Rollout, per_prompt: list[torch.Tensor]) -> list[to
     return out
 
 
-def mini_batches(n_trajectories: int, size: int | None) -> list[list[int]]:
-    """The trajectories 0..B-1 cut, in order, into mini-batches of ``size`` (None: one mini-batch)."""
-    size = n_trajectories if not size else size
-    return [list(range(k, min(k + size, n_trajectories))) for k in range(0, n_trajectories, max(size, 1))]
+def mini_batches(n_trajectories: int, size: int | None, group: int = 1, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This rank's trajectories 0..B-1 in the mini-batches of ``size`` completions of the global batch (None:
+    one mini-batch), as lists of local indices, one per mini-batch up to this rank's last (some may be empty).
+
+    The global batch is the one-process batch: under N ranks, rank r's prompt j is the global prompt
+    j·N + r (``EpochShuffle`` deals prompts round-robin), so N ranks step through the mini-batches of one
+    process with N times their batch."""
+    if n_trajectories == 0:
+        return []
+    position = [((b // group) * world + rank) * group + b % group for b in range(n_trajectories)]  # global completion index
+    if not size:
+        return [list(range(n_trajectories))]
+    batches: list[list[int]] = [[] for _ in range(max(position) // size + 1)]
+    for b, k in enumerate(position):
+        batches[k // size].append(b)
+    return batches
 
 
 def clip_bounds(rollout: Rollout, entropies: list[torch.Tensor], config: UpdateConfig, device: torch.device | None = None) -> torch.Tensor:
@@ -161,7 +174,7 @@ def optimise(
     key_tokens = sum(float(k.sum()) for k in key)
 
     # 2. the mini-batches: as many steps on every rank (a rank with fewer completions steps with zero gradient)
-    batches = mini_batches(n_traj, config.mini_batch_size)
+    batches = mini_batches(n_traj, config.mini_batch_size, group, rank(), world_size())
     n_steps = int(all_reduce(torch.tensor([float(len(batches))], device=device), "max")[0]) if distributed else len(batches)
     batches += [[] for _ in range(n_steps - len(batches))]
     model.train()

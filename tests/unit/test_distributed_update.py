@@ -6,6 +6,7 @@ padding a distributed sampler adds."""
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,20 +38,20 @@ def _rollout(n_prompts: int, group: int = 3) -> Rollout:
     return Rollout(prompt_ids, completions, [""] * len(completions), rewards, rewards, rewards, flags, advantages, key_mask, group)
 
 
-def _update(rollout: Rollout) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+def _update(rollout: Rollout, mini_batch: int | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     model = _model()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    stats = optimise(model, optimizer, rollout, CONFIG)
+    stats = optimise(model, optimizer, rollout, replace(CONFIG, mini_batch_size=mini_batch))
     return stats, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank: int, world: int, port: int, n_prompts: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, n_prompts: int, out: str, mini_batch: int | None) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         rollout = _rollout(n_prompts)
         mine = rollout.select_groups(torch.tensor([p % world == rank for p in range(n_prompts)]))
-        torch.save(_update(mine), f"{out}/rank{rank}.pt")
+        torch.save(_update(mine, mini_batch), f"{out}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -61,11 +62,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("mini_batch", [None, 2], ids=["one-step-per-pass", "mini-batches-of-2"])
 @pytest.mark.parametrize("n_prompts", [2, 3, 1], ids=["one-prompt-each", "uneven", "one-rank-empty"])
-def test_two_process_update_equals_one_process(n_prompts, tmp_path):
+def test_two_process_update_equals_one_process(n_prompts, mini_batch, tmp_path):
+    """With mini-batches (of 2 completions, across prompt boundaries), the 2 ranks step through the
+    one-process mini-batches: the same number of steps and the same weights."""
     _model()  # the tokenizer conversion is cached before the workers start
-    mp.spawn(_worker, args=(2, _free_port(), n_prompts, str(tmp_path)), nprocs=2, join=True)
-    want_stats, want_weights = _update(_rollout(n_prompts))
+    mp.spawn(_worker, args=(2, _free_port(), n_prompts, str(tmp_path), mini_batch), nprocs=2, join=True)
+    want_stats, want_weights = _update(_rollout(n_prompts), mini_batch)
     for rank in range(2):
         stats, weights = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, value in want_stats.items():

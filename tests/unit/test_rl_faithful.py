@@ -82,6 +82,10 @@ def _lora(model) -> torch.Tensor:
 def test_mini_batches_are_counted_in_completions():
     assert mini_batches(8, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
     assert mini_batches(6, None) == [[0, 1, 2, 3, 4, 5]]
+    # 2 ranks, 2 prompts x G = 2 each: rank 1's prompts are the global prompts 1 and 3
+    assert mini_batches(4, 4, group=2, rank=0, world=2) == [[0, 1], [2, 3]]
+    assert mini_batches(4, 4, group=2, rank=1, world=2) == [[0, 1], [2, 3]]
+    assert mini_batches(4, 3, group=2, rank=1, world=2) == [[0], [1], [2, 3]]  # global completions 2 | 3 | 6, 7
 
 
 def test_one_step_per_rollout_leaves_every_ratio_at_one(fixed):
