@@ -65,6 +65,8 @@ from lightning_modules.prompting import AnswerEvaluator
 log = logging.getLogger(__name__)
 # post-step checkpoints are what resuming wants; Lightning warns about them with manual optimisation
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# the schedule steps once per rollout, also after a rollout with no update (every group's rewards equal)
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 
 
 def _default_backbone() -> BackboneOptions:

@@ -37,7 +37,7 @@ def test_rl_fit_then_resume(tmp_path, tjh_expert, session_cache):
     for path in ("model/adapter/adapter_config.json", "model/merged/model.safetensors", "generations.jsonl", "checkpoints/last.ckpt"):
         assert (tmp_path / path).is_file(), path
     checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
-    assert checkpoint["global_step"] == 2 and "RandomState" in checkpoint["callbacks"]
+    assert checkpoint["global_step"] == 4 and "RandomState" in checkpoint["callbacks"]  # Lightning counts optimiser steps: 2 per rollout
     assert all("lora" in k for k in checkpoint["state_dict"])  # the trainable weights only
     steps = [s["step"] for s in checkpoint["optimizer_states"][0]["state"].values()]
     assert steps and all(int(s) == 4 for s in steps)  # 2 rollouts x 2 mini-batch steps
@@ -45,7 +45,7 @@ def test_rl_fit_then_resume(tmp_path, tjh_expert, session_cache):
     resumed = _fit(tmp_path, tjh_expert, session_cache, "--ckpt_path", str(tmp_path / "checkpoints/last.ckpt"), "--trainer.max_epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
-    assert checkpoint["global_step"] == 4 and checkpoint["epoch"] == 1
+    assert checkpoint["global_step"] == 8 and checkpoint["epoch"] == 1
     steps = [s["step"] for s in checkpoint["optimizer_states"][0]["state"].values()]
     assert all(int(s) == 8 for s in steps)  # AdamW's state carried on, not restarted
 

@@ -58,8 +58,9 @@ def test_cache_is_reused(tjh_copy, tmp_path):
 def _built(root, cache, **kwargs) -> bool:
     dm = _module(root, cache, **kwargs)
     source = dm._source_dir()
+    options = dm._options(source)
     return preprocess.load_or_build(
-        "tjh", dm._options(source), [source / TJH_XLSX], lambda: dm._build(source), cache
+        "tjh", options, [source / TJH_XLSX], lambda: dm._build(source, preprocess.cache_folder(cache, "tjh", options)), cache
     )[1]
 
 

@@ -62,8 +62,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mini_batch", [None, 2], ids=["one-step-per-pass", "mini-batches-of-2"])
-@pytest.mark.parametrize("n_prompts", [2, 3, 1], ids=["one-prompt-each", "uneven", "one-rank-empty"])
+@pytest.mark.parametrize(
+    "n_prompts, mini_batch",
+    [(2, None), (3, None), (1, None), (3, 2), (1, 2)],
+    ids=["one-prompt-each", "uneven", "one-rank-empty", "uneven-mini-batches-of-2", "one-rank-empty-mini-batches-of-2"],
+)
 def test_two_process_update_equals_one_process(n_prompts, mini_batch, tmp_path):
     """With mini-batches (of 2 completions, across prompt boundaries), the 2 ranks step through the
     one-process mini-batches: the same number of steps and the same weights."""
