@@ -269,3 +269,12 @@ def test_tjh_published_split_counts_are_checked(tjh_copy):
     table.to_csv(path, index=False)
     with pytest.raises(EAGRLInputError, match="the published split has"):
         tjh.published_split(tjh_copy, cohort)
+
+
+def test_the_hospital_level_asks_the_llm_another_question(mimic_root, tmp_path):
+    from datamodules import EHRDataModule
+
+    common = dict(dataset="mimic_iv", task="readmission", mimic_dir=str(mimic_root), cache_dir=str(tmp_path), progress=False)
+    icu, hospital = EHRDataModule(**common), EHRDataModule(readmission_level="hospital", **common)
+    assert icu.question == "readmission" and hospital.question == "readmission_hospital"
+    assert "ICU" in icu.system_prompt and "admitted to hospital again" in hospital.system_prompt
