@@ -8,6 +8,7 @@ serialises a sample for the LLM.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -27,6 +28,7 @@ from eagrl.data.preprocess import (
     exclusion_counts,
     load_or_build,
     prepare,
+    read_split_file,
     stratified_patient_split,
     write_split_file,
 )
@@ -249,6 +251,12 @@ class EHRDataModule(L.LightningDataModule):
             raise EAGRLInputError(f"data.split_file: {path} does not exist (expected a CSV with columns id,patient,split)")
         return path.resolve()
 
+    def _written_split_file(self) -> str:
+        """Where this cohort's ``split.csv`` lies (in its cache folder)."""
+        source = self._source_dir()
+        path = cache_folder(cache_dir(self.hparams.cache_dir), self.dataset, self._options(source)) / "split.csv"
+        return str(path) if path.is_file() else "not written (rebuild the cache)"
+
     def _window(self) -> dict[str, Any]:
         """The observation window of the cohort (empty: the whole stay)."""
         hp = self.hparams
@@ -283,7 +291,7 @@ class EHRDataModule(L.LightningDataModule):
         if self.split == "published":
             split = tjh.published_split(source, raw)
         elif self.split == "file":
-            split = tjh.read_split_file(self._split_file(), raw)
+            split = read_split_file(self._split_file(), raw)
         else:  # on mortality, whatever the task: one split for both MIMIC-IV tasks
             split = stratified_patient_split(raw.patient_ids, raw.labels["mortality"], tuple(hp.split_ratios), hp.split_seed)
         write_split_file(folder / "split.csv", raw, split)
@@ -309,7 +317,6 @@ class EHRDataModule(L.LightningDataModule):
         cohort, built = load_or_build(
             self.dataset, options, sources, lambda: self._build(source, folder), root, rebuild=self.hparams.rebuild_cache
         )
-        self.split_file_written = folder / "split.csv" if (folder / "split.csv").is_file() else None
         log.info("%s cohort %s", self.dataset, "preprocessed and cached" if built else "loaded from cache")
         return cohort
 
@@ -407,10 +414,7 @@ class EHRDataModule(L.LightningDataModule):
                 "before_exclusions": meta.get("before_exclusions", {}).get(split),
                 "excluded": exclusions.get(split, {}),
             }
-        by_cause: dict[str, int] = {}
-        for per_split in exclusions.values():
-            for cause, n in per_split.items():
-                by_cause[cause] = by_cause.get(cause, 0) + n
+        by_cause = sum((Counter(per_split) for per_split in exclusions.values()), Counter())
         out = {
             "dataset": self.dataset,
             "task": self.task,
@@ -418,9 +422,9 @@ class EHRDataModule(L.LightningDataModule):
             "features": len(raw.features),
             "feature_names": raw.feature_names,
             "splits": splits,
-            "excluded_by_cause": by_cause,
+            "excluded_by_cause": dict(by_cause),
             **meta.get("notes", {}),
-            "split_file": str(getattr(self, "split_file_written", None) or "not written (rebuild the cache)"),
+            "split_file": self._written_split_file(),
         }
         if self.dataset == "mimic_iv" and self.task == "readmission":
             out["readmission_level"] = self.hparams.readmission_level

@@ -61,9 +61,10 @@ class ExpertAttentionWriter(L.Callback):
                     for i, weights in enumerate(out["attention"].tolist()):
                         ranked, top = rank_features(names, weights, top_k, measured[i])
                         _, plain = rank_features(names, weights, top_k)
+                        unmeasured = {name for name, seen in zip(names, measured[i]) if not seen}
                         patients += 1
                         changed += top != plain
-                        slots += sum(not measured[i][names.index(n)] for n in plain)
+                        slots += len(unmeasured.intersection(plain))
                         unmasked_slots += len(plain)
                         shorter += len(top) < top_k
                         record = {"id": batch["id"][i], "split": split, "label": int(batch["label"][i])}

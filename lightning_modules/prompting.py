@@ -172,7 +172,7 @@ class AnswerEvaluator(L.LightningModule):
             n = len(records)
             metrics.update(
                 parse_rate=sum(r["parsed"] for r in records) / n,
-                strict_parse_rate=sum(r.get("parsed_strict", False) for r in records) / n,
+                strict_parse_rate=sum(r["parsed_strict"] for r in records) / n,
                 r_cls=sum(r["r_cls"] for r in records) / n,
                 reward=sum(r["reward"] for r in records) / n,
                 prompt_tokens=sum(r["prompt_tokens"] for r in records) / n,

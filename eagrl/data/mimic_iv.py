@@ -52,7 +52,8 @@ READMISSION_DAYS = 30
 _DYNAMIC = [f.name for f in MIMIC_FEATURES if not f.demographic]
 _ITEM_TO_FEATURE = {item: v.spec.name for v in MIMIC_VARIABLES for item in v.itemids}
 _CONVERSIONS = {item: how for v in MIMIC_VARIABLES for item, how in v.convert}
-_PLAUSIBLE = {v.spec.name: v.plausible for v in MIMIC_VARIABLES}
+_PLAUSIBLE_LOW = {v.spec.name: float(v.plausible[0]) for v in MIMIC_VARIABLES}
+_PLAUSIBLE_HIGH = {v.spec.name: float(v.plausible[1]) for v in MIMIC_VARIABLES}
 _CHARTED = [v.spec.name for v in MIMIC_VARIABLES if v.itemids]  # GCS total is derived from charted components
 _CAPILLARY = "Capillary refill rate"
 
@@ -112,9 +113,7 @@ def _reduce_daily(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _implausible(feature: pd.Series, value: pd.Series) -> pd.Series:
     """[n] bool: a value outside its variable's physiological range."""
-    low = feature.map(lambda f: _PLAUSIBLE[f][0]).astype("float64")
-    high = feature.map(lambda f: _PLAUSIBLE[f][1]).astype("float64")
-    return value.notna() & ((value < low) | (value > high))
+    return value.notna() & ((value < feature.map(_PLAUSIBLE_LOW)) | (value > feature.map(_PLAUSIBLE_HIGH)))
 
 
 def read_chartevents(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 
 from eagrl.data.cohort import SPLITS, NormStats, PreparedCohort, RawCohort
 from eagrl.data.features import DATASET_FEATURES, FeatureSpec
@@ -75,6 +76,36 @@ def write_split_file(path: Path, raw: RawCohort, split: np.ndarray) -> None:
     """``id,patient,split`` of every sample (excluded ones too), readable back as ``split_file``."""
     lines = ["id,patient,split"] + [f"{i},{p},{s}" for i, p, s in zip(raw.sample_ids, raw.patient_ids, split)]
     write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def read_split_file(path: Path, cohort: RawCohort) -> np.ndarray:
+    """[N] split of every sample of ``cohort`` from a CSV with columns ``id,patient,split`` (what eagrl writes
+    next to its cache) or ``PATIENT_ID,split`` (TJH's published file). An id the cohort does not have, or a
+    sample the file does not assign, is one clear error."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype=str)
+    except Exception as err:
+        raise EAGRLInputError(f"{path}: cannot be read as CSV ({err})") from err
+    key = "id" if "id" in table.columns else "PATIENT_ID"
+    for column in (key, "split"):
+        if column not in table.columns:
+            raise EAGRLInputError(f"{path}: missing required column {column!r} (expected columns id,patient,split or PATIENT_ID,split)")
+    bad = sorted(set(table["split"].astype(str)) - {"train", "val", "test"})
+    if bad:
+        raise EAGRLInputError(f"{path}: column 'split' must hold train/val/test, found {bad}")
+    ids = table[key].astype(str).str.strip().str.replace(r"\.0$", "", regex=True)
+    mapping = dict(zip(ids, table["split"]))
+    known = set(cohort.sample_ids.astype(str))
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise EAGRLInputError(
+            f"{path}: {len(unknown)} id(s) in column {key!r} are not in the {cohort.dataset} cohort, e.g. {unknown[0]!r}"
+        )
+    unassigned = [i for i in cohort.sample_ids.astype(str) if i not in mapping]
+    if unassigned:
+        raise EAGRLInputError(f"{path}: {len(unassigned)} cohort sample(s) have no split assigned")
+    return np.array([mapping[i] for i in cohort.sample_ids.astype(str)])
 
 
 # ---------------------------------------------------------------------------- normalise / impute
@@ -241,6 +272,7 @@ __all__ = [
     "impute_forward_then_fill",
     "load_or_build",
     "prepare",
+    "read_split_file",
     "stratified_patient_split",
     "train_statistics",
     "write_split_file",

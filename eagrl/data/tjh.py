@@ -20,6 +20,7 @@ import pandas as pd
 
 from eagrl.data.cohort import RawCohort
 from eagrl.data.features import TJH_DROPPED_COLUMNS, TJH_FEATURES, TJH_LABS
+from eagrl.data.preprocess import read_split_file
 from eagrl.errors import EAGRLInputError
 from eagrl.paths import require_file
 
@@ -157,33 +158,3 @@ def published_split(data_dir: Path, cohort: RawCohort, split_file: str = SPLIT_F
     if found != PUBLISHED_COUNTS:
         raise EAGRLInputError(f"{path}: the published split has {PUBLISHED_COUNTS} patients, this cohort gets {found}")
     return split
-
-
-def read_split_file(path: Path, cohort: RawCohort) -> np.ndarray:
-    """[N] split of every sample of ``cohort`` from a CSV with columns ``id,patient,split`` (what eagrl writes
-    next to its cache) or ``PATIENT_ID,split`` (TJH's published file). An id the cohort does not have, or a
-    sample the file does not assign, is one clear error."""
-    path = Path(path)
-    try:
-        table = pd.read_csv(path, dtype=str)
-    except Exception as err:
-        raise EAGRLInputError(f"{path}: cannot be read as CSV ({err})") from err
-    key = "id" if "id" in table.columns else ID
-    for column in (key, "split"):
-        if column not in table.columns:
-            raise EAGRLInputError(f"{path}: missing required column {column!r} (expected columns id,patient,split or PATIENT_ID,split)")
-    bad = sorted(set(table["split"].astype(str)) - {"train", "val", "test"})
-    if bad:
-        raise EAGRLInputError(f"{path}: column 'split' must hold train/val/test, found {bad}")
-    ids = table[key].astype(str).str.strip().str.replace(r"\.0$", "", regex=True)
-    mapping = dict(zip(ids, table["split"]))
-    known = set(cohort.sample_ids.astype(str))
-    unknown = [i for i in ids if i not in known]
-    if unknown:
-        raise EAGRLInputError(
-            f"{path}: {len(unknown)} id(s) in column {key!r} are not in the {cohort.dataset} cohort, e.g. {unknown[0]!r}"
-        )
-    unassigned = [i for i in cohort.sample_ids.astype(str) if i not in mapping]
-    if unassigned:
-        raise EAGRLInputError(f"{path}: {len(unassigned)} cohort sample(s) have no split assigned")
-    return np.array([mapping[i] for i in cohort.sample_ids.astype(str)])

@@ -77,9 +77,7 @@ def _logits(model, rollout: Rollout, p: int, members: list[int] | None = None) -
     """Logits [N, V] and ids [N] of prompt p's completions (``members``: their indices in the group; None: all)."""
     group = rollout.group_size
     members = list(range(group)) if members is None else members
-    logits, ids = completion_logits(model, rollout.prompt_ids[p], [rollout.completions[p * group + g] for g in members])
-    check_ids(ids, logits.shape[1])
-    return logits, ids
+    return completion_logits(model, rollout.prompt_ids[p], [rollout.completions[p * group + g] for g in members])
 
 
 @torch.no_grad()
@@ -147,7 +145,6 @@ def optimise(
     config: UpdateConfig,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     loss_fn: Callable = policy_loss,
-    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Update ``model`` on ``rollout``: ``ppo_epochs`` passes over its mini-batches, one optimiser step each
     (see the module docstring). Returns the statistics of the update: loss (mean over the steps),
@@ -157,6 +154,8 @@ def optimise(
     group, n_prompts, n_traj = rollout.group_size, len(rollout.prompt_ids), len(rollout.completions)
     distributed = world_size() > 1
     lengths = torch.tensor([len(c) for c in rollout.completions], dtype=torch.float64)  # [B]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    check_ids(torch.tensor([t for c in rollout.completions for t in c], dtype=torch.long), vocab)  # once, before any kernel reads them
 
     # 1. the rollout policy, before any update: old log-probs, entropies, ε(τ)
     scored = score(model, rollout, config)
@@ -217,8 +216,6 @@ def optimise(
                 norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if after_step is not None:
-                after_step()
     steps = config.ppo_epochs * n_steps
     names = ("loss", "clip_low", "clip_high", "ratio", "kl")
     totals = all_reduce(torch.tensor(

@@ -11,6 +11,7 @@ import pytest
 
 from eagrl.data import mimic_iv, tjh
 from eagrl.data.features import TJH_LABS
+from eagrl.data.preprocess import read_split_file
 from eagrl.errors import EAGRLInputError
 
 T0 = pd.Timestamp("2150-01-01 08:00")
@@ -252,11 +253,11 @@ def test_tjh_split_file_ids_are_checked(tjh_root, tmp_path):
     cohort = tjh.load_tjh(tjh_root, raw_file="tjh/raw/hand_made.xlsx")
     good = tmp_path / "good.csv"
     good.write_text("PATIENT_ID,split\n1,train\n2,test\n3,val\n")
-    assert list(tjh.read_split_file(good, cohort)) == ["train", "test", "val"]
+    assert list(read_split_file(good, cohort)) == ["train", "test", "val"]
     unknown = tmp_path / "unknown.csv"
     unknown.write_text("PATIENT_ID,split\n1,train\n2,test\n3,val\n99,test\n")
     with pytest.raises(EAGRLInputError, match="not in the tjh cohort, e.g. '99'"):
-        tjh.read_split_file(unknown, cohort)
+        read_split_file(unknown, cohort)
 
 
 def test_tjh_published_split_counts_are_checked(tjh_copy):
