@@ -286,3 +286,35 @@ def test_learning_rate_schedules():
     assert [lr_factor(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
     cosine = [lr_factor(s, 10, 2, "cosine") for s in (2, 6, 10)]
     assert cosine[0] == 1.0 and cosine[1] == pytest.approx(0.5) and cosine[2] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_overlong_shaping_changes_the_rollout_rewards(monkeypatch):
+    from eagrl.llm.generation import Generation
+
+    def rewards(shaping: bool) -> list[float]:
+        module = _module(group_size=2, overlong_shaping=shaping, rollout_sampling=SamplingOptions(max_new_tokens=8, do_sample=True))
+        module.configure_model()
+        module.matcher, module.expert = FeatureMatcher(["Heart rate"]), None
+        module.fit_prompt = lambda data, i: ("The patient. Answer:", 4, 1)
+        cut = Generation("<Final Answer> 0.9", 4, 8, False, [5] * 8)  # cut at L = 8 without ending
+        short = Generation("<Final Answer> 0.9", 4, 2, True, [5, 6])
+        monkeypatch.setattr("lightning_modules.rl.sample_groups", lambda *a, **k: [[cut, short]])
+        return module._rollout(None, [0], ["p0"], [1]).rewards.tolist()
+
+    plain, shaped = rewards(False), rewards(True)
+    assert plain[0] == plain[1] and shaped[0] == pytest.approx(plain[0] - 1.0) and shaped[1] == plain[1]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_rl_learning_rate_schedule_is_applied(schedule):
+    module = _module(lr=1.0, lr_schedule=schedule, warmup_steps=0)
+    module.configure_model()
+    module._trainer = SimpleNamespace(estimated_stepping_batches=4)
+    config = module.configure_optimizers()
+    scheduler = config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(3):
+        rates.append(config["optimizer"].param_groups[0]["lr"])
+        config["optimizer"].step()
+        scheduler.step()
+    assert rates == ([1.0, 1.0, 1.0] if schedule == "constant" else pytest.approx([1.0, lr_factor(1, 4, 0, "cosine"), 0.5]))
