@@ -153,6 +153,9 @@ class EHRDataModule(L.LightningDataModule):
             admission within 30 days of ``dischtime``; stays of in-hospital deaths excluded).
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
+        text_style: the LLM's patient text: ``paper`` (every feature's value at every visit, the paper's format)
+            or ``compact`` (per measured variable its last value with an H/L flag, min-max and trend; variables
+            normal throughout grouped on one line; about a third of the tokens on TJH). See ``eagrl.data.text``.
         max_visits: show only the last N visits in the LLM text (None: all).
         shuffle_fraction: fraction of feature lines whose order is permuted in the LLM text (0, 0.2, ..., 1).
             Tensor inputs are never permuted: ConCare has one GRU per feature and is order-invariant by
@@ -184,6 +187,7 @@ class EHRDataModule(L.LightningDataModule):
         split_seed: int = 42,
         batch_size: PositiveInt = 64,
         num_workers: NonNegativeInt = 0,
+        text_style: Literal["paper", "compact"] = "paper",
         max_visits: Optional[PositiveInt] = None,
         shuffle_fraction: float = 0.0,
         shuffle_seed: int = 0,
@@ -230,7 +234,7 @@ class EHRDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.cohort: PreparedCohort | None = None
         self.datasets: dict[str, EHRDataset] = {}
-        self.text_options = {"max_visits": max_visits, "shuffle_fraction": shuffle_fraction, "shuffle_seed": shuffle_seed}
+        self.text_options = {"style": text_style, "max_visits": max_visits, "shuffle_fraction": shuffle_fraction, "shuffle_seed": shuffle_seed}
 
     # ------------------------------------------------------------------------------ preprocessing
     def _source_dir(self) -> Path:
@@ -429,3 +433,24 @@ class EHRDataModule(L.LightningDataModule):
         if self.dataset == "mimic_iv" and self.task == "readmission":
             out["readmission_level"] = self.hparams.readmission_level
         return out
+
+    def prompt_tokens(self, tokenizer, prompt_style: str = "decomposition") -> dict[str, Any]:
+        """Tokens per chat-templated prompt of every split, in this datamodule's text style: whether a cohort fits
+        a model's context (``summary --tokenizer``). Counts only: no text leaves this method."""
+        from eagrl.llm.prompts import build_prompt
+
+        if not self.datasets:
+            self.setup()
+        question = question_key(self.task, self.hparams.readmission_level)
+        per_split = {}
+        for split, data in self.datasets.items():
+            lengths = [
+                len(tokenizer(build_prompt(tokenizer, data.text(i), self.dataset, question, prompt_style), add_special_tokens=False)["input_ids"])
+                for i in range(len(data))
+            ]
+            per_split[split] = (
+                {"median": float(np.median(lengths)), "p90": float(np.percentile(lengths, 90)), "max": int(max(lengths))}
+                if lengths
+                else None
+            )
+        return {"text_style": self.text_options["style"], "prompt_style": prompt_style, "splits": per_split}

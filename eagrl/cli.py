@@ -32,7 +32,10 @@ from eagrl.paths import REPO_ROOT
 # file (``${trainer.default_root_dir}``) are read relative to the subcommand.
 jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
-SUMMARY_HELP = "Print the cohort summary (features, patients, samples, positives per split) as JSON."
+SUMMARY_HELP = (
+    "Print the cohort summary (features, patients, samples, positives per split, exclusions) as JSON, with the "
+    "median, p90 and maximum prompt tokens per split for the configured text style (--tokenizer)."
+)
 
 
 def _git_revision() -> str | None:
@@ -349,6 +352,15 @@ class EAGRLCLI(LightningCLI):
         # a stage config may be passed as it is: its model section is accepted and ignored
         summary.add_lightning_class_args(L.LightningModule, "model", subclass_mode=True, required=False)
         summary.add_lightning_class_args(L.LightningDataModule, "data", subclass_mode=True)
+        summary.add_argument(
+            "--tokenizer",
+            default="embedded",
+            help="count prompt tokens with this tokenizer: 'embedded' (SmolLM2's, the default), a local model "
+            "directory or hub id already in the cache, or 'none' (no counts)",
+        )
+        summary.add_argument(
+            "--prompt_style", choices=["vanilla", "think", "decomposition"], default="decomposition", help="the prompt the counts are of"
+        )
         self._subcommand_parsers["summary"] = summary
         self._subcommand_method_arguments["summary"] = []
         parser._subcommands_action.add_subcommand("summary", summary, help=SUMMARY_HELP)
@@ -390,7 +402,12 @@ class EAGRLCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "summary":
-            print(json.dumps(self.datamodule.summary()))
+            out = self.datamodule.summary()
+            config = self.config["summary"]
+            if config.get("tokenizer", "embedded") != "none" and hasattr(self.datamodule, "prompt_tokens"):
+                tokenizer = _summary_tokenizer(config["tokenizer"])
+                out["prompt_tokens"] = {"tokenizer": config["tokenizer"], **self.datamodule.prompt_tokens(tokenizer, config["prompt_style"])}
+            print(json.dumps(out))
             return
         if self.config_init[subcommand].get("ckpt_path") == "last":  # a file path was checked while parsing
             safe = self.config_init[subcommand].get("weights_only") is not False
@@ -399,6 +416,20 @@ class EAGRLCLI(LightningCLI):
                 if safe:
                     _check_weights_only(path)
         super()._run_subcommand(subcommand)
+
+
+def _summary_tokenizer(name: str):
+    """The tokenizer ``summary --tokenizer`` counts with: the embedded SmolLM2's, or a local/cached one."""
+    from eagrl.models.backbone import embedded_tokenizer
+
+    if name == "embedded":
+        return embedded_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise EAGRLInputError(f"--tokenizer: could not load {name!r} ({' '.join(str(err).split())[:200]}); use 'embedded', a local model directory or 'none'") from None
 
 
 def _reported(err: BaseException) -> BaseException | None:

@@ -99,8 +99,8 @@ class Plan:
 
     def _llm(self) -> list[str]:
         """The base LLM: the embedded SmolLM2 (cpu), the user's model (paper) or the tiny one (smoke overlays)."""
-        if self.profile == "paper":
-            return ["--model.init_args.backbone.name", str(self.model)]
+        if self.profile == "paper":  # the paper's per-visit text, whatever a CPU-sized config chose
+            return ["--model.init_args.backbone.name", str(self.model), "--data.init_args.text_style", "paper"]
         return []
 
     def _add(self, name: str, args: list[str], outputs: list[Path], inputs: list[Path]) -> None:

@@ -87,6 +87,21 @@ def test_summary_prints_the_cohort_as_json(config, session_cache):
     else:
         assert summary["features"] == 19  # 17 clinical variables + sex + age
         assert sum(v["patients"] for v in summary["splits"].values()) == 100  # the demo's 100 patients
+    tokens = summary["prompt_tokens"]  # on the embedded SmolLM2 tokenizer (the default), decomposition prompts
+    assert tokens["tokenizer"] == "embedded" and tokens["prompt_style"] == "decomposition" and tokens["text_style"] == "paper"
+    for split in ("train", "val", "test"):
+        row = tokens["splits"][split]
+        assert 100 < row["median"] <= row["p90"] <= row["max"]
+
+
+def test_summary_counts_prompt_tokens_of_the_configured_text_style(session_cache):
+    result = run_cli("summary", "--config", "configs/tjh/data.yaml", "--data.init_args.text_style", "compact", cache=session_cache)
+    assert result.returncode == 0, result.stderr
+    tokens = json.loads(result.stdout)["prompt_tokens"]
+    assert tokens["text_style"] == "compact"
+    assert tokens["splits"]["test"]["median"] < 1400  # the paper style's TJH test median is ~2,950
+    result = run_cli("summary", "--config", "configs/tjh/data.yaml", "--tokenizer", "none", cache=session_cache)
+    assert result.returncode == 0 and "prompt_tokens" not in json.loads(result.stdout)
 
 
 @pytest.mark.parametrize(
@@ -97,7 +112,7 @@ def test_summary_prints_the_cohort_as_json(config, session_cache):
     ],
 )
 def test_the_window_overlays_give_a_windowed_summary(configs, window, session_cache):
-    result = run_cli("summary", *[a for c in configs for a in ("--config", c)], cache=session_cache)
+    result = run_cli("summary", *[a for c in configs for a in ("--config", c)], "--tokenizer", "none", cache=session_cache)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["observation_window"] == window
