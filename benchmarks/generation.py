@@ -1,13 +1,19 @@
-"""Generation throughput of the embedded SmolLM2-135M on CPU, ours against plain ``model.generate``,
-and the prompt lengths of TJH and MIMIC-IV prompts.
+"""Generation speed of the embedded SmolLM2-135M on this machine: our engine against plain ``model.generate``
+in float32, and the tokens per prompt of both text styles.
 
-    python benchmarks/generation.py [--threads 2] [--new-tokens 64] [--batches 1 8] [--repeats 2]
+    python benchmarks/generation.py [--threads 2] [--new-tokens 64] [--batch 8] [--repeats 1]
 
-Both paths get the same chat-templated MIMIC-IV demo test prompts (vanilla style), greedy decoding and
-exactly ``--new-tokens`` new tokens per prompt (end-of-text suppressed until then); tokens/s counts new
-tokens over wall time, prefill included. "Plain" is one ``model.generate`` call on the tokenizer's
-left-padded batch, the way a user would write it; "ours" is ``eagrl.llm.generation.generate`` (length-sorted
-batches, text decoding and bookkeeping included). Results go to ``results/bench_generation.json``.
+Measured in one run, on the first ``--batch`` test patients, greedy, exactly ``--new-tokens`` new tokens per
+prompt (end-of-text suppressed until then), wall time with the prefill included:
+
+- **plain**: one ``model.generate`` call in float32 on the tokenizer's left-padded batch, the way a user writes it;
+- **ours**: ``eagrl.llm.generation.generate`` with the engine ``backbone.generation_dtype: auto`` picks on this
+  machine (per-prompt chunked prefill, static-cache decode; text decoding and bookkeeping included).
+
+Comparisons: MIMIC-IV decomposition prompts in the paper style for both; TJH decomposition prompts in the
+paper style for plain and the compact style for ours (what a user gains by switching). Also: the prefill
+rate of ours as a fraction of the float32 linear-layer rate measured in the same run, the prefill rate per
+chunk size, and the decode cache (static vs dynamic) alone. Results: ``results/bench_generation.json``.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per setting (the median is kept)")
+    parser.add_argument("--batch", type=int, default=8, help="prompts per generate call")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting (the median is kept)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_generation.json")
     args = parser.parse_args()
 
@@ -36,34 +42,42 @@ def main() -> None:
 
     from datamodules import EHRDataModule
     from eagrl.io import write_json_atomic
-    from eagrl.llm.generation import SamplingOptions, generate
-    from eagrl.llm.prompts import STYLES, build_prompt
-    from eagrl.models.backbone import load_backbone
+    from eagrl.llm.generation import Engine, SamplingOptions, generate, matmul_rates, prefill
+    from eagrl.llm.prompts import build_prompt
+    from eagrl.models.backbone import BackboneOptions, generation_engine, load_backbone
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_backbone()
-    report: dict = {"threads": args.threads, "new_tokens": args.new_tokens, "throughput": {}, "prompt_tokens": {}}
+    model.eval()
+    engine = generation_engine(BackboneOptions(), "cpu")
+    fp32_rate, bf16_rate = matmul_rates("cpu")
+    report: dict = {
+        "threads": args.threads,
+        "new_tokens": args.new_tokens,
+        "batch": args.batch,
+        "engine": engine.describe(),
+        "linear_gflops": {"float32": fp32_rate, "bfloat16": bf16_rate},
+        "prompt_tokens": {},
+        "throughput": {},
+    }
+    print(f"engine: {engine.describe()}")
+    options = SamplingOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
 
-    # prompt lengths, per dataset, style and visit cap
-    for dataset, caps in (("tjh", (None, 5, 3)), ("mimic_iv", (None,))):
+    def count(prompt: str) -> int:
+        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    prompts: dict[tuple[str, str], list[str]] = {}
+    for dataset in ("tjh", "mimic_iv"):
         dm = EHRDataModule(dataset=dataset, progress=False)
         dm.setup()
         data = dm.datasets["test"]
-        for style in STYLES:
-            for cap in caps:
-                lengths = [
-                    len(tokenizer(build_prompt(tokenizer, data.text(i, max_visits=cap), dataset, "mortality", style), add_special_tokens=False)["input_ids"])
-                    for i in range(len(data))
-                ]
-                key = f"{dataset}/{style}/max_visits={cap or 'all'}"
-                report["prompt_tokens"][key] = {"median": float(np.median(lengths)), "p90": float(np.percentile(lengths, 90)), "max": max(lengths)}
-                print(f"prompt tokens {key:40s} median {np.median(lengths):6.0f}  p90 {np.percentile(lengths, 90):6.0f}  max {max(lengths):6d}")
-
-    dm = EHRDataModule(dataset="mimic_iv", progress=False)
-    dm.setup()
-    data = dm.datasets["test"]
-    prompts = [build_prompt(tokenizer, data.text(i), "mimic_iv", "mortality", "vanilla") for i in range(max(args.batches))]
-    options = SamplingOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        for style in ("paper", "compact"):
+            texts = [build_prompt(tokenizer, data.text(i, style=style), dataset, "mortality", "decomposition") for i in range(len(data))]
+            lengths = [count(t) for t in texts]
+            row = {"median": float(np.median(lengths)), "p90": float(np.percentile(lengths, 90)), "max": max(lengths)}
+            report["prompt_tokens"][f"{dataset}/{style}"] = row
+            print(f"prompt tokens {dataset}/{style:8s} median {row['median']:6.0f}  p90 {row['p90']:6.0f}  max {row['max']:6d}")
+            prompts[(dataset, style)] = texts[: args.batch]
 
     def plain(batch: list[str]) -> None:
         tokenizer.padding_side = "left"
@@ -72,28 +86,55 @@ def main() -> None:
             out = model.generate(**encoded, **options.generation_kwargs(), pad_token_id=tokenizer.pad_token_id)
         assert out.shape[1] - encoded["input_ids"].shape[1] == args.new_tokens
 
-    def ours(batch: list[str]) -> None:
-        results = generate(model, tokenizer, batch, options, batch_size=len(batch))
+    def ours(batch: list[str], with_engine: Engine = engine) -> None:
+        results = generate(model, tokenizer, batch, options, batch_size=len(batch), engine=with_engine)
         assert all(r.new_tokens == args.new_tokens for r in results)
 
-    ours(prompts[:1])  # warm-up
-    for size in args.batches:
-        batch = prompts[:size]
-        row = {}
-        for name, run in (("plain", plain), ("ours", ours)):
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                run(batch)
-                times.append(time.perf_counter() - start)
-            seconds = statistics.median(times)
-            row[name] = {"seconds": seconds, "tokens_per_s": size * args.new_tokens / seconds}
-        row["prompt_tokens_mean"] = float(np.mean([len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in batch]))
-        report["throughput"][str(size)] = row
+    def timed(run, batch) -> float:
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            run(batch)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    ours(prompts[("mimic_iv", "compact")][:1])  # warm-up
+    cases = {
+        "mimic_iv paper (both)": (prompts[("mimic_iv", "paper")], prompts[("mimic_iv", "paper")]),
+        "tjh paper (plain) vs compact (ours)": (prompts[("tjh", "paper")], prompts[("tjh", "compact")]),
+    }
+    for name, (plain_batch, our_batch) in cases.items():
+        row = {"plain_s": timed(plain, plain_batch), "ours_s": timed(ours, our_batch)}
+        row["speedup"] = row["plain_s"] / row["ours_s"]
+        row["plain_prompt_tokens"] = sum(count(p) for p in plain_batch)
+        row["ours_prompt_tokens"] = sum(count(p) for p in our_batch)
+        report["throughput"][name] = row
         print(
-            f"batch {size}: plain {row['plain']['tokens_per_s']:6.1f} tok/s, ours {row['ours']['tokens_per_s']:6.1f} tok/s "
-            f"({args.new_tokens} new tokens, prompts of {row['prompt_tokens_mean']:.0f} tokens, {args.threads} threads)"
+            f"{name}: plain {row['plain_s']:.1f} s ({row['plain_prompt_tokens']} prompt tokens), "
+            f"ours {row['ours_s']:.1f} s ({row['ours_prompt_tokens']} prompt tokens): {row['speedup']:.2f}x"
         )
+
+    # the prefill alone: its rate, and as a fraction of the linear-layer rate (2 FLOPs per weight per token)
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)  # lm_head runs on the last token only
+    batch = prompts[("tjh", "paper")]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in batch]
+    chunks = {}
+    for chunk in (256, 512, 1024, 0):
+        with torch.inference_mode():
+            start = time.perf_counter()
+            prefill(model, encoded, chunk)
+            seconds = time.perf_counter() - start
+        rate = sum(map(len, encoded)) / seconds
+        chunks[str(chunk or "whole")] = {"tokens_per_s": rate, "fraction_of_linear_rate": rate * 2 * weights / 1e9 / fp32_rate}
+        print(f"prefill, chunk {chunk or 'whole':>5}: {rate:6.0f} tokens/s = {chunks[str(chunk or 'whole')]['fraction_of_linear_rate']:.0%} of the fp32 linear rate ({fp32_rate:.0f} GFLOP/s)")
+    report["prefill"] = {"prompts": "tjh paper", "weights_per_token": weights, "by_chunk": chunks}
+
+    # the decode cache alone (same prefill): static against dynamic, MIMIC-IV paper prompts
+    decode = {}
+    for kind in ("static", "dynamic"):
+        decode[kind] = timed(lambda b, k=kind: ours(b, Engine(dtype=engine.dtype, prefill_chunk=engine.prefill_chunk, decode_cache=k)), cases["mimic_iv paper (both)"][1])
+        print(f"decode cache {kind}: {decode[kind]:.1f} s (MIMIC-IV paper prompts, prefill included)")
+    report["decode_cache_s"] = decode
     write_json_atomic(args.out, report)
     print(f"wrote {args.out}")
 

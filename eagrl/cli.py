@@ -134,7 +134,7 @@ class MetricsJsonWriter(L.Callback):
 
     filename = "metrics.json"
 
-    def _write(self, trainer: L.Trainer) -> None:
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule | None = None) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         path = Path(trainer.default_root_dir) / self.filename
@@ -147,16 +147,23 @@ class MetricsJsonWriter(L.Callback):
         for name, value in trainer.callback_metrics.items():
             number = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
             metrics[name] = number if math.isfinite(number) else None
+        info = getattr(pl_module, "generation_info", None) if pl_module is not None else None
+        if info:  # how an LLM stage generated: dtype (and how it was chosen), prefill chunk, cache, batch size
+            metrics["generation"] = info
         write_json_atomic(path, dict(sorted(metrics.items())))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer)
+        self._write(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer)
+        self._write(trainer, pl_module)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer)
+        self._write(trainer, pl_module)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "generation_info", None):  # stage 1 logs no metric; its generation settings are kept
+            self._write(trainer, pl_module)
 
 
 class RandomState(L.Callback):

@@ -28,7 +28,7 @@ from eagrl.mcts.policy import LLMPolicy, PolicySampling
 from eagrl.mcts.search import Patient, SearchConfig, search
 from eagrl.mcts.selection import SelectionConfig, select_trajectories
 from eagrl.mcts.store import TrajectoryStore, merge_stores
-from eagrl.models.backbone import BackboneOptions, context_length, load_backbone
+from eagrl.models.backbone import BackboneOptions, context_length, generation_engine, load_backbone
 from eagrl.rl.rewards import RewardConfig
 from lightning_modules.prompting import PromptFitter
 
@@ -145,13 +145,25 @@ class DistillModule(L.LightningModule):
             self.llm, self.tokenizer = load_backbone(self.backbone_options)
         self.matcher = FeatureMatcher(names)
         self.policy = LLMPolicy(
-            self.llm, self.tokenizer, self.sampling, self.hparams.generation_batch_size, self.hparams.reuse_prompt_cache
+            self.llm, self.tokenizer, self.sampling, self.hparams.generation_batch_size, self.hparams.reuse_prompt_cache, self.engine
         )
         longest = max(self.sampling.subquestion.max_new_tokens + self.sampling.answer.max_new_tokens, self.sampling.final.max_new_tokens)
         limit = context_length(self.llm, self.backbone_options) - self.search_config.max_depth * longest
         self.fit_prompt = PromptFitter(
             self.tokenizer, limit, datamodule.dataset, datamodule.question, "decomposition", self.hparams.max_subquestions, self.hparams.truncate_visits
         )
+
+    @property
+    def engine(self):
+        """How the search generates (``BackboneOptions.generation_dtype`` resolved on this device, once)."""
+        if getattr(self, "_engine", None) is None:
+            self._engine = generation_engine(self.backbone_options, self.device)
+        return self._engine
+
+    @property
+    def generation_info(self) -> dict[str, Any]:
+        """What ``metrics.json`` records under ``generation``."""
+        return {**self.engine.describe(), "batch_size": self.hparams.generation_batch_size}
 
     def _writer(self) -> Optional[TrajectoryWriter]:
         return next((c for c in self.trainer.callbacks if isinstance(c, TrajectoryWriter)), None)

@@ -29,7 +29,7 @@ from eagrl.io import atomic_path
 from eagrl.llm.generation import ANSWER_CUE, SamplingOptions, generate, yes_no_probability
 from eagrl.llm.parsing import FeatureMatcher, parse_answer
 from eagrl.llm.prompts import build_prompt
-from eagrl.models.backbone import BackboneOptions, context_length, load_backbone
+from eagrl.models.backbone import BackboneOptions, context_length, generation_engine, load_backbone
 from eagrl.rl.rewards import RewardConfig, combined_reward
 
 
@@ -104,6 +104,18 @@ class AnswerEvaluator(L.LightningModule):
             self.tokenizer, limit, datamodule.dataset, datamodule.question, style, self.hparams.max_subquestions, self.hparams.truncate_visits
         )
 
+    @property
+    def engine(self):
+        """How this module generates (``BackboneOptions.generation_dtype`` resolved on its device, once)."""
+        if getattr(self, "_engine", None) is None:
+            self._engine = generation_engine(self.backbone_options, self.device)
+        return self._engine
+
+    @property
+    def generation_info(self) -> dict[str, Any]:
+        """What ``metrics.json`` records under ``generation``."""
+        return {**self.engine.describe(), "batch_size": self.hparams.generation_batch_size}
+
     def on_test_epoch_start(self) -> None:
         self.records: dict[str, list[dict[str, Any]]] = {}
         loaders = self.trainer.test_dataloaders
@@ -125,7 +137,7 @@ class AnswerEvaluator(L.LightningModule):
         data = self.trainer.datamodule.datasets[split]
         built = [self.fit_prompt(data, int(i)) for i in batch["index"]]
         prompts = [prompt for prompt, _, _ in built]
-        generations = generate(self.llm, self.tokenizer, prompts, self.sampling, self.hparams.generation_batch_size)
+        generations = generate(self.llm, self.tokenizer, prompts, self.sampling, self.hparams.generation_batch_size, engine=self.engine)
         parsed = [parse_answer(g.text, self.matcher) for g in generations]
         if self.hparams.scorer == "token_probability":
             cued = [p + g.text + ANSWER_CUE for p, g in zip(prompts, generations)]

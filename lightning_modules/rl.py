@@ -301,6 +301,11 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         schedule = lambda step: lr_factor(step, total, self.hparams.warmup_steps, self.hparams.lr_schedule)  # noqa: E731
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}}
 
+    @property
+    def generation_info(self) -> dict[str, Any]:
+        """What ``metrics.json`` records under ``generation`` (the rollouts' batch size too)."""
+        return {**super().generation_info, "rollout_batch_size": self.hparams.rollout_batch_size}
+
     # ------------------------------------------------------------------------------------- rollout
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         """Sample G completions per patient of ``batch`` and score them."""
@@ -314,13 +319,13 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         prompts = [self.fit_prompt(data, i)[0] for i in positions]
         seed, size = self.hparams.rollout_seed, self.hparams.rollout_batch_size
         if seed is None:
-            groups = sample_groups(self.llm, self.tokenizer, prompts, group, self.rollout_sampling, size)
+            groups = sample_groups(self.llm, self.tokenizer, prompts, group, self.rollout_sampling, size, self.engine, True)
         else:
             groups = []
             for prompt, sample in zip(prompts, ids):
                 with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                     torch.manual_seed(zlib.crc32(f"{seed}:{self.global_step}:{sample}".encode()))
-                    groups += sample_groups(self.llm, self.tokenizer, [prompt], group, self.rollout_sampling, size)
+                    groups += sample_groups(self.llm, self.tokenizer, [prompt], group, self.rollout_sampling, size, self.engine, True)
         flat = [g for grp in groups for g in grp]
         for g in flat:  # a completion needs one token to be learnt from
             if not g.tokens:
@@ -348,6 +353,7 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
             advantages=group_advantages(reward.view(len(prompts), group)).flatten(),  # [B]
             key_mask=[key_token_mask(self.tokenizer, g.tokens) for g in flat],
             group_size=group,
+            sampler_logp=[g.logprobs or [] for g in flat],
         )
 
     def refill(self, rollout: Rollout, batch: dict[str, Any]) -> tuple[Rollout, int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from eagrl.llm.generation import PromptCache, SamplingOptions, generate, generate_continuations
+from eagrl.llm.generation import Engine, PromptCache, SamplingOptions, generate, generate_continuations
 from eagrl.mcts.search import Step
 
 
@@ -65,13 +65,21 @@ class LLMPolicy:
     call of the search continues that cache (``PromptCache``); otherwise each sequence is prefilled anew.
     """
 
-    def __init__(self, model, tokenizer, sampling: PolicySampling = PolicySampling(), batch_size: int = 16, reuse_prompt_cache: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        sampling: PolicySampling = PolicySampling(),
+        batch_size: int = 16,
+        reuse_prompt_cache: bool = True,
+        engine: Engine = Engine(),
+    ):
         self.model, self.tokenizer, self.sampling, self.batch_size = model, tokenizer, sampling, batch_size
-        self.reuse_prompt_cache = reuse_prompt_cache
+        self.reuse_prompt_cache, self.engine = reuse_prompt_cache, engine
         self.cache: PromptCache | None = None
 
     def begin(self, prompts: Sequence[str]) -> None:
-        self.cache = PromptCache(self.model, self.tokenizer, list(prompts)) if self.reuse_prompt_cache else None
+        self.cache = PromptCache(self.model, self.tokenizer, list(prompts), self.engine) if self.reuse_prompt_cache else None
 
     def end(self) -> None:
         self.cache = None
@@ -80,7 +88,7 @@ class LLMPolicy:
         if self.cache is not None:
             return generate_continuations(self.model, self.tokenizer, self.cache, prompts, tails, options, self.batch_size, stops)
         contexts = [p + t for p, t in zip(prompts, tails)]
-        return generate(self.model, self.tokenizer, contexts, options, self.batch_size, stop_strings=stops)
+        return generate(self.model, self.tokenizer, contexts, options, self.batch_size, stop_strings=stops, engine=self.engine)
 
     def propose_steps(self, prompts: Sequence[str], prefixes: Sequence[list[Step]], n: int) -> list[list[Step]]:
         owners = [prompt for prompt in prompts for _ in range(n)]

@@ -82,6 +82,12 @@ class BackboneOptions:
         trust_remote_code: allow a hub model's own Python code to run (off unless you set it).
         revision: hub revision (branch, tag or commit).
         max_context: the longest prompt + completion allowed, in tokens (None: the model's own limit).
+        generation_dtype: the dtype generation runs in (evaluation, distillation, rollouts), apart from
+            ``dtype``, which the weights are trained in and stay in. ``auto``: bf16 on a CUDA GPU; on a CPU bf16
+            only where a start-up matmul benchmark runs it >= 1.2x faster than float32, else float32. An
+            explicit dtype always wins. The choice is written to ``metrics.json`` (``generation``).
+        prefill_chunk: prompt tokens per prefill forward (0: the whole prompt at once).
+        decode_cache: ``static`` (preallocated KV cache, written in place; faster on CPU) or ``dynamic``.
     """
 
     name: str = EMBEDDED
@@ -94,6 +100,9 @@ class BackboneOptions:
     trust_remote_code: bool = False
     revision: Optional[str] = None
     max_context: Optional[int] = None
+    generation_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    prefill_chunk: int = 1024
+    decode_cache: Literal["static", "dynamic"] = "static"
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -314,6 +323,16 @@ def add_lora(model, lora: LoraOptions, gradient_checkpointing: bool = False):
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM"
     )
     return get_peft_model(model, config)
+
+
+def generation_engine(options: BackboneOptions, device: torch.device | str = "cpu"):
+    """The ``eagrl.llm.generation.Engine`` of ``options`` on ``device`` (``generation_dtype`` resolved there)."""
+    from eagrl.llm.generation import Engine, choose_dtype
+
+    if options.prefill_chunk < 0:
+        raise EAGRLInputError(f"backbone.prefill_chunk must be >= 0 (0: the whole prompt), got {options.prefill_chunk}")
+    dtype, how = choose_dtype(options.generation_dtype, device)
+    return Engine(dtype=dtype, prefill_chunk=options.prefill_chunk, decode_cache=options.decode_cache, dtype_choice=how)
 
 
 def context_length(model, options: BackboneOptions | None = None) -> int:

@@ -170,6 +170,9 @@ class Rollout:
         advantages: [B] group-normalised.
         key_mask: per trajectory, a bool per token: inside the ``<Important Features>`` span (B lists).
         group_size: G.
+        sampler_logp: per trajectory, the sampler's log-prob of each token (B lists; None when not kept). The
+            update never uses them (its old log-probs are the training forward's); they measure how far the
+            sampler's numerics (another dtype, another kernel) drift from training: ``train/logp_mismatch``.
     """
 
     prompt_ids: list[list[int]]
@@ -182,6 +185,7 @@ class Rollout:
     advantages: torch.Tensor
     key_mask: list[list[bool]]
     group_size: int
+    sampler_logp: Optional[list[list[float]]] = None
 
     @property
     def n_tokens(self) -> int:
@@ -201,6 +205,7 @@ class Rollout:
             advantages=torch.cat([r.advantages for r in parts]),
             key_mask=[m for r in parts for m in r.key_mask],
             group_size=parts[0].group_size,
+            sampler_logp=[q for r in parts for q in r.sampler_logp] if all(r.sampler_logp is not None for r in parts) else None,
         )
 
     def select_groups(self, keep: torch.Tensor) -> "Rollout":
@@ -219,4 +224,5 @@ class Rollout:
             advantages=self.advantages[index],
             key_mask=[self.key_mask[b] for b in rows],
             group_size=self.group_size,
+            sampler_logp=[self.sampler_logp[b] for b in rows] if self.sampler_logp is not None else None,
         )

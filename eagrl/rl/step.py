@@ -149,7 +149,8 @@ def optimise(
     """Update ``model`` on ``rollout``: ``ppo_epochs`` passes over its mini-batches, one optimiser step each
     (see the module docstring). Returns the statistics of the update: loss (mean over the steps),
     clip_low, clip_high, ratio, kl (token means over every step), entropy and key_entropy (of the rollout
-    policy), eps_high with eps_high_min / eps_high_max (ε of the trajectories), steps, grad_norm (last step)."""
+    policy), eps_high with eps_high_min / eps_high_max (ε of the trajectories), steps, grad_norm (last step),
+    logp_mismatch (mean |logp_sampler - logp_train| over the sampled tokens; NaN without ``sampler_logp``)."""
     device = _device(model)
     group, n_prompts, n_traj = rollout.group_size, len(rollout.prompt_ids), len(rollout.completions)
     distributed = world_size() > 1
@@ -161,6 +162,12 @@ def optimise(
     scored = score(model, rollout, config)
     old = _per_trajectory(rollout, [logp for logp, _ in scored])  # B x [|y_b|]
     entropies = [h for _, h in scored]
+    mismatch_sum, mismatch_tokens = 0.0, 0.0  # |logp_sampler - logp_train| over the sampled tokens
+    for b, sampled in enumerate(rollout.sampler_logp or []):
+        k = min(len(sampled), len(old[b]))  # an empty completion was given one end-of-text token, never sampled
+        if k:
+            mismatch_sum += float((torch.tensor(sampled[:k], dtype=torch.float64) - old[b][:k].double().cpu()).abs().sum())
+            mismatch_tokens += k
     if config.adaptive_clip:
         eps_high = clip_bounds(rollout, entropies, config, device)  # [B]
     else:
@@ -220,10 +227,11 @@ def optimise(
     names = ("loss", "clip_low", "clip_high", "ratio", "kl")
     totals = all_reduce(torch.tensor(
         [sums[name] for name in names] + [counted_tokens, entropy_sum, key_entropy_sum, key_tokens, float(lengths.sum()),
-                                          float(eps_high.sum()), float(n_traj)],
+                                          float(eps_high.sum()), float(n_traj), mismatch_sum, mismatch_tokens],
         dtype=torch.float64, device=device,
     )).tolist()  # fmt: skip
-    loss_total, clip_low, clip_high, ratio, kl, tokens_seen, entropy_total, key_entropy_total, key_total, all_tokens, eps_total, trajectories = totals
+    (loss_total, clip_low, clip_high, ratio, kl, tokens_seen, entropy_total, key_entropy_total, key_total, all_tokens, eps_total,
+     trajectories, mismatch_total, mismatch_count) = totals  # fmt: skip
     inf = torch.tensor([math.inf], dtype=torch.float64, device=device)
     spread = torch.stack([-torch.cat([eps_high.double(), inf]).min(), torch.cat([eps_high.double(), -inf]).max()])
     negated_min, high = all_reduce(spread, "max").tolist()  # one collective, every rank (an empty one too)
@@ -241,4 +249,5 @@ def optimise(
         "eps_high_max": high if trajectories else float("nan"),
         "steps": float(steps),
         "grad_norm": float(norm),
+        "logp_mismatch": mismatch_total / mismatch_count if mismatch_count else float("nan"),
     }

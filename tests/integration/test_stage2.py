@@ -30,9 +30,12 @@ def test_rl_fit_then_resume(tmp_path, tjh_expert, session_cache):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for name in ("train/reward", "train/r_cls", "train/r_att", "train/parse_rate", "train/entropy", "train/clip_low",
-                 "train/clip_high", "train/kl", "train/completion_length", "train/step_time", "train/eps_high", "test/auroc"):  # fmt: skip
+                 "train/clip_high", "train/kl", "train/completion_length", "train/step_time", "train/eps_high", "test/auroc",
+                 "train/logp_mismatch"):  # fmt: skip
         assert name in metrics, name
     assert 0.2 <= metrics["train/eps_high"] <= 0.4
+    assert 0.0 <= metrics["train/logp_mismatch"] < 1e-3  # fp32 sampler and training forward: the same numbers
+    assert metrics["generation"]["rollout_batch_size"] >= 1
     assert metrics["train/steps"] == 2  # 2 patients x G = 3 in mini-batches of 3: 2 optimiser steps per rollout
     for path in ("model/adapter/adapter_config.json", "model/merged/model.safetensors", "generations.jsonl", "checkpoints/last.ckpt"):
         assert (tmp_path / path).is_file(), path

@@ -76,7 +76,7 @@ def test_two_process_update_equals_one_process(n_prompts, mini_batch, tmp_path):
     for rank in range(2):
         stats, weights = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, value in want_stats.items():
-            if name != "grad_norm" or n_prompts > 0:
+            if (name != "grad_norm" or n_prompts > 0) and value == value:  # NaN: a statistic with nothing to average
                 assert stats[name] == pytest.approx(value, rel=TOLERANCE, abs=1e-7), (rank, name)
         for name, value in want_weights.items():
             torch.testing.assert_close(weights[name], value, atol=1e-6, rtol=0, msg=name)

@@ -5,6 +5,7 @@ settings that would make the update wrong."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -318,3 +319,20 @@ def test_the_rl_learning_rate_schedule_is_applied(schedule):
         config["optimizer"].step()
         scheduler.step()
     assert rates == ([1.0, 1.0, 1.0] if schedule == "constant" else pytest.approx([1.0, lr_factor(1, 4, 0, "cosine"), 0.5]))
+
+
+def test_logp_mismatch_is_the_mean_gap_between_sampler_and_training_logprobs(fixed):
+    model, rollout = fixed
+    _, stats = _train(model, rollout)
+    assert math.isnan(stats["logp_mismatch"])  # no sampler log-probs kept
+    old = [[-1.0] * len(c) for c in rollout.completions]
+    _, exact = _train(model, dataclasses.replace(rollout, sampler_logp=old))
+    from eagrl.rl.step import score, _per_trajectory
+
+    with torch.no_grad():
+        train = _per_trajectory(rollout, [logp for logp, _ in score(model, rollout, UpdateConfig(backend="torch"))])
+    gaps = torch.cat([(t.double() + 1.0).abs() for t in train])
+    assert exact["logp_mismatch"] == pytest.approx(float(gaps.mean()), rel=1e-6)
+    shifted = [(t + 0.1).tolist() for t in train]
+    _, off = _train(model, dataclasses.replace(rollout, sampler_logp=shifted))
+    assert off["logp_mismatch"] == pytest.approx(0.1, abs=1e-5)
