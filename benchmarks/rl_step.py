@@ -2,11 +2,12 @@
 on CPU: time per step and peak memory, side by side in one run.
 
     pip install trl==1.16.0        # the peer; not a dependency of eagrl
-    python benchmarks/rl_step.py [--dataset mimic_iv] [--visits 1 3] [--group 4] [--new-tokens 128] [--steps 3]
+    python benchmarks/rl_step.py [--dataset mimic_iv] [--visits 1 3] [--text-style paper] [--group 4] [--new-tokens 128] [--steps 3]
 
 Both sides: the embedded SmolLM2-135M-Instruct in fp32, LoRA r 8 / alpha 16 on q/k/v/o, the first train
-patient's decomposition prompt (``--visits`` sets how many visits it shows, hence its length: MIMIC-IV
-demo prompts are ~0.6-1.5k tokens, TJH ones ~1.9k with one visit), G sampled
+patient's decomposition prompt (``--visits`` sets how many visits it shows and ``--text-style`` how they
+are written, hence its length: paper-style MIMIC-IV demo prompts are ~0.6-1.5k tokens, TJH ones ~1.9k with
+one visit; compact ones are shorter), G sampled
 completions of exactly ``--new-tokens`` tokens (end-of-text suppressed before), the classification
 reward, β_KL = 0, one optimisation pass per rollout, AdamW lr 1e-5. A step is rollout + reward + update.
 Each side runs in its own process (so its peak RSS is its own); the time is the median step after the
@@ -37,7 +38,7 @@ def _peak_rss_gib() -> float:
         return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:")) / 2**20
 
 
-def _prompt(dataset: str, visits: int):
+def _prompt(dataset: str, visits: int, style: str = "paper"):
     """(chat-templated prompt, label) of the first train patient of ``dataset``, showing ``visits`` visits."""
     from datamodules import EHRDataModule
     from eagrl.llm.prompts import build_prompt
@@ -47,7 +48,8 @@ def _prompt(dataset: str, visits: int):
     data.setup("fit")
     train = data.datasets["train"]
     tokenizer = embedded_tokenizer(BackboneOptions())
-    prompt = build_prompt(tokenizer, train.text(0), dataset, "mortality", "decomposition", 2)
+    text = train.text(0, style=style) if style != "paper" else train.text(0)  # (older versions know one style)
+    prompt = build_prompt(tokenizer, text, dataset, "mortality", "decomposition", 2)
     return prompt, int(train[0]["label"])
 
 
@@ -67,7 +69,7 @@ def run_ours(args) -> dict:
     from eagrl.rl.rollout import key_token_mask
     from eagrl.rl.step import UpdateConfig, optimise
 
-    prompt, label = _prompt(args.dataset, args.visits)
+    prompt, label = _prompt(args.dataset, args.visits, args.text_style)
     lora = LoraOptions(rank=LORA["r"], alpha=LORA["lora_alpha"], dropout=0.0, target_modules=LORA["target_modules"])
     model, tokenizer = load_backbone(BackboneOptions(dtype="float32", lora=lora))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -105,7 +107,7 @@ def run_trl(args) -> dict:
 
     load_backbone(BackboneOptions())  # converts the embedded GGUF once (cached)
     folder = cache_dir() / "models" / "smollm2-135m-instruct"
-    prompt, label = _prompt(args.dataset, args.visits)
+    prompt, label = _prompt(args.dataset, args.visits, args.text_style)
     times: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -140,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=["mimic_iv", "tjh"], default="mimic_iv", help="whose first train patient")
     parser.add_argument("--visits", type=int, nargs="+", default=[1, 3], help="visits shown in the prompt (its length)")
+    parser.add_argument("--text-style", choices=["paper", "compact"], default="paper", help="how the patient is written")
     parser.add_argument("--group", type=int, default=4, help="G, completions per prompt")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens per completion (exactly)")
     parser.add_argument("--steps", type=int, default=3, help="RL steps per side (the first is a warm-up)")
@@ -166,7 +169,8 @@ def main() -> None:
     rows = []
     for visits in args.visits:
         for side in args.sides:
-            command = [sys.executable, __file__, "--worker", side, "--dataset", args.dataset, "--visits", str(visits), "--group", str(args.group),
+            command = [sys.executable, __file__, "--worker", side, "--dataset", args.dataset, "--visits", str(visits),
+                       "--text-style", args.text_style, "--group", str(args.group),
                        "--new-tokens", str(args.new_tokens), "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
             if args.gradient_checkpointing:
                 command.append("--gradient-checkpointing")
@@ -178,13 +182,14 @@ def main() -> None:
                 continue
             result = json.loads(line[len("RESULT ") :])
             timed = result["step_s"][1:] or result["step_s"]
-            row = {"side": side, "dataset": args.dataset, "visits": visits, **result, "median_step_s": statistics.median(timed)}
+            row = {"side": side, "dataset": args.dataset, "visits": visits, "text_style": args.text_style, **result,
+                   "median_step_s": statistics.median(timed)}
             rows.append(row)
             print(f"{side:>5}  {args.dataset} prompt {row['prompt_tokens']:5d} tokens  G={args.group}  {args.new_tokens} new tokens  "
                   f"median step {row['median_step_s']:7.1f} s  peak RSS {row['peak_rss_gib']:5.2f} GiB", flush=True)  # fmt: skip
     summary = {"group": args.group, "new_tokens": args.new_tokens, "threads": args.threads, "steps": args.steps,
                "trl_gradient_checkpointing": args.gradient_checkpointing, "rows": rows}  # fmt: skip
-    out = args.out or REPO / "results" / f"bench_rl_step_{args.dataset}.json"
+    out = args.out or REPO / "results" / f"bench_rl_step_{args.dataset}_{args.text_style}.json"
     write_json_atomic(out, summary)
     print(f"wrote {out}")
 

@@ -1,8 +1,11 @@
 """Binary-outcome metrics shared by every stage: AUROC, AUPRC, F1 and accuracy, with bootstrap.
 
 The paper's protocol (METHOD.md §6): mean ± std over 100 seeded bootstrap resamples of the test set.
-``bootstrap_metrics`` returns ``{name: mean, name_std: std}``; resamples that hold a single class
-(where AUROC is undefined) are drawn again, so every resample is valid.
+``bootstrap_metrics`` returns ``{name: mean, name_std: std, name_ci_low, name_ci_high}``: the mean and std
+the paper reports, and the 95% percentile interval (2.5th and 97.5th percentiles of the resampled values).
+``paired_difference`` compares two methods on the same patients over the same resamples: the difference
+of a metric on the whole set, and its 95% percentile interval. Resamples that hold a single class (where
+AUROC is undefined) are drawn again, so every resample is valid (``resamples``).
 """
 
 from __future__ import annotations
@@ -33,28 +36,86 @@ def binary_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold: float =
     }
 
 
+def _ranking(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """AUROC and AUPRC (average precision) of one resample with both outcomes, in numpy: the paired
+    bootstrap's inner loop (thousands of calls). Equal to torchmetrics' ``binary_auroc`` and
+    ``binary_average_precision`` (tests/unit/test_evaluation_stats.py), ties included."""
+    p, y = probs.numpy().astype(np.float64), labels.numpy().astype(bool)
+    order = np.argsort(-p, kind="mergesort")
+    p, y = p[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(p)), p.size - 1]  # the last index of every distinct score, descending
+    tp = np.cumsum(y)[last].astype(np.float64)  # [thresholds]
+    fp = (last + 1 - tp).astype(np.float64)
+    positives, negatives = tp[-1], fp[-1]
+    tpr, fpr = np.r_[0.0, tp / positives], np.r_[0.0, fp / negatives]
+    auroc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoids: ties count one half
+    precision, recall = tp / (tp + fp), np.r_[0.0, tp / positives]
+    auprc = float(np.sum(np.diff(recall) * precision))  # step-wise, as average precision
+    return {"auroc": auroc, "auprc": auprc}
+
+
+def resamples(labels: torch.Tensor, n_bootstrap: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n_bootstrap`` index vectors [N] drawn with replacement (seeded), each holding both outcomes."""
+    labels = labels.detach().flatten().long().cpu()
+    n = labels.numel()
+    if n == 0 or labels.min() == labels.max():
+        raise ValueError("a bootstrap resample needs both outcomes among the labels")
+    rng = np.random.default_rng(seed)
+    out: list[torch.Tensor] = []
+    while len(out) < n_bootstrap:
+        index = torch.from_numpy(rng.integers(0, n, size=n))
+        if labels[index].min() != labels[index].max():
+            out.append(index)
+    return out
+
+
+def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """The ``level`` percentile interval of ``values``: its (1 - level)/2 and (1 + level)/2 quantiles."""
+    values = np.asarray(values, dtype=float)
+    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
 def bootstrap_metrics(
     probs: torch.Tensor, labels: torch.Tensor, n_bootstrap: int = 100, seed: int = 0, threshold: float = 0.5
 ) -> dict[str, float]:
-    """Mean and std of ``binary_metrics`` over ``n_bootstrap`` resamples with replacement."""
+    """Mean, std and 95% percentile interval of ``binary_metrics`` over ``n_bootstrap`` resamples."""
     probs, labels = probs.detach().float().flatten().cpu(), labels.detach().flatten().long().cpu()
-    n = probs.numel()
     if n_bootstrap <= 0:
         return binary_metrics(probs, labels, threshold)
     if labels.min() == labels.max():  # a single class: no valid resample exists
         point = binary_metrics(probs, labels, threshold)
-        return {**point, **{f"{k}_std": float("nan") for k in point}}
-    rng = np.random.default_rng(seed)
-    rows: list[dict[str, float]] = []
-    while len(rows) < n_bootstrap:
-        index = torch.from_numpy(rng.integers(0, n, size=n))
-        sample_labels = labels[index]
-        if sample_labels.min() == sample_labels.max():
-            continue
-        rows.append(binary_metrics(probs[index], sample_labels, threshold))
+        undefined = {f"{k}_{suffix}": float("nan") for k in point for suffix in ("std", "ci_low", "ci_high")}
+        return {**point, **undefined}
+    rows = [binary_metrics(probs[index], labels[index], threshold) for index in resamples(labels, n_bootstrap, seed)]
     out: dict[str, float] = {}
     for name in METRICS:
         values = np.array([row[name] for row in rows])
         out[name] = float(values.mean())
         out[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = percentile_interval(values)
+    return out
+
+
+def paired_difference(
+    probs_a: torch.Tensor, probs_b: torch.Tensor, labels: torch.Tensor, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
+    """Method a minus method b on the same N patients (probs_a, probs_b, labels: [N]), per ranking metric:
+    ``delta_<m>`` on the whole set and ``delta_<m>_ci_low/high``, the ``level`` percentile interval of the
+    difference over the same ``n_bootstrap`` resamples for both methods (so patient-level noise shared by
+    the two cancels)."""
+    probs_a, probs_b = probs_a.detach().float().flatten().cpu(), probs_b.detach().float().flatten().cpu()
+    labels = labels.detach().flatten().long().cpu()
+    if not probs_a.numel() == probs_b.numel() == labels.numel():
+        raise ValueError(f"paired_difference needs one prediction per patient from each method: {probs_a.numel()}, {probs_b.numel()}, {labels.numel()}")
+    whole_a, whole_b = _ranking(probs_a, labels), _ranking(probs_b, labels)
+    deltas = {m: [] for m in ("auroc", "auprc")}
+    for index in resamples(labels, n_bootstrap, seed):
+        a, b = _ranking(probs_a[index], labels[index]), _ranking(probs_b[index], labels[index])
+        for m in deltas:
+            deltas[m].append(a[m] - b[m])
+    out: dict[str, float] = {}
+    for m, values in deltas.items():
+        out[f"delta_{m}"] = whole_a[m] - whole_b[m]
+        out[f"delta_{m}_ci_low"], out[f"delta_{m}_ci_high"] = percentile_interval(values, level)
     return out

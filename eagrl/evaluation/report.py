@@ -81,14 +81,21 @@ class Cell:
     auprc: Optional[float] = None
     auprc_std: Optional[float] = None
     patients: Optional[int] = None
+    auroc_ci: Optional[list[float]] = None
+    auprc_ci: Optional[list[float]] = None
+    strict_parse_rate: Optional[float] = None
+    r_att: Optional[float] = None
 
     def text(self) -> tuple[str, str]:
-        def one(mean, std):
+        """Per metric, ``mean ± std [2.5th, 97.5th percentile]`` x100 over the bootstrap resamples."""
+
+        def one(mean, std, ci):
             if mean is None:
                 return "n/a"
-            return f"{100 * mean:.2f} ± {100 * (std or 0.0):.2f}"
+            interval = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
+            return f"{100 * mean:.2f} ± {100 * (std or 0.0):.2f}{interval}"
 
-        return one(self.auroc, self.auroc_std), one(self.auprc, self.auprc_std)
+        return one(self.auroc, self.auroc_std, self.auroc_ci), one(self.auprc, self.auprc_std, self.auprc_ci)
 
 
 def _number(value: Any) -> Optional[float]:
@@ -108,6 +115,10 @@ def read_cell(run: Path) -> Optional[Cell]:
     patients = _number(metrics.get("test/samples"))
     if patients is None and (run / "expert_attention.jsonl").is_file():  # ConCare: the whole test split
         patients = sum(1 for r in _jsonl(run / "expert_attention.jsonl") if r.get("split") == "test")
+    def interval(name: str) -> Optional[list[float]]:
+        low, high = _number(metrics.get(f"test/{name}_ci_low")), _number(metrics.get(f"test/{name}_ci_high"))
+        return None if low is None or high is None else [low, high]
+
     return Cell(
         source=str(path),
         auroc=_number(metrics.get("test/auroc")),
@@ -115,6 +126,10 @@ def read_cell(run: Path) -> Optional[Cell]:
         auprc=_number(metrics.get("test/auprc")),
         auprc_std=_number(metrics.get("test/auprc_std")),
         patients=int(patients) if patients is not None else None,
+        auroc_ci=interval("auroc"),
+        auprc_ci=interval("auprc"),
+        strict_parse_rate=_number(metrics.get("test/strict_parse_rate")),
+        r_att=_number(metrics.get("test/r_att")),
     )
 
 
@@ -125,14 +140,56 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 def predictions(run: Path) -> Optional[tuple[list[float], list[int]]]:
     """(ŷ, labels) of the test patients of a run, or None. Unparsed answers count as 0.5, as in the metrics."""
+    found = predictions_by_id(run)
+    if found is None:
+        return None
+    return [y for y, _ in found.values()], [label for _, label in found.values()]
+
+
+def predictions_by_id(run: Path) -> Optional[dict[str, tuple[float, int]]]:
+    """{sample id: (ŷ, label)} of the test patients of a run, or None (ids stay in memory, never written)."""
     if (run / "generations.jsonl").is_file():
         rows = [r for r in _jsonl(run / "generations.jsonl") if r.get("split", "test") == "test"]
         fill = 0.5
-        return [r["y_hat"] if r["y_hat"] is not None else fill for r in rows], [int(r["label"]) for r in rows]
+        return {str(r.get("id", k)): (r["y_hat"] if r["y_hat"] is not None else fill, int(r["label"])) for k, r in enumerate(rows)}
     if (run / "expert_attention.jsonl").is_file():
         rows = [r for r in _jsonl(run / "expert_attention.jsonl") if r.get("split") == "test"]
-        return [float(r["prob"]) for r in rows], [int(r["label"]) for r in rows]
+        return {str(r.get("id", k)): (float(r["prob"]), int(r["label"])) for k, r in enumerate(rows)}
     return None
+
+
+BASE_ROW = "Question Decomposition"
+LLM_ROWS = ("Vanilla", "Think-then-Answer", "Question Decomposition", "SFT", "GRPO", "DAPO", "EAG-RL")
+PAIRS = [(row, BASE_ROW) for row in LLM_ROWS if row != BASE_ROW] + [("EAG-RL", other) for other in ("SFT", "GRPO", "DAPO")]
+PAIRED_RESAMPLES = 1000
+
+
+def paired_differences(runs: Path, n_bootstrap: int = PAIRED_RESAMPLES, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per dataset column, per pair (a, b) of ``PAIRS``: ΔAUROC and ΔAUPRC (a − b) on the test patients both
+    answered, with 95% percentile intervals over the same resamples (``eagrl.evaluation.metrics.paired_difference``)."""
+    import torch
+
+    from eagrl.evaluation.metrics import paired_difference
+
+    names = dict(MAIN)
+    out: dict[str, dict[str, Any]] = {}
+    for key, _, folder, suffix in COLUMNS:
+        found = {row: predictions_by_id(runs / folder / f"{names[row]}{suffix}") for row in LLM_ROWS}
+        out[key] = {}
+        for a, b in PAIRS:
+            pair = f"{a} − {b}"
+            if found[a] is None or found[b] is None:
+                out[key][pair] = None
+                continue
+            shared = sorted(set(found[a]) & set(found[b]))
+            labels = torch.tensor([found[a][i][1] for i in shared])
+            if len(shared) < 2 or labels.min() == labels.max():
+                out[key][pair] = {"patients": len(shared)}
+                continue
+            probs_a = torch.tensor([found[a][i][0] for i in shared], dtype=torch.float)
+            probs_b = torch.tensor([found[b][i][0] for i in shared], dtype=torch.float)
+            out[key][pair] = {"patients": len(shared), **paired_difference(probs_a, probs_b, labels, n_bootstrap, seed)}
+    return out
 
 
 def collect(runs: Path) -> dict[str, Any]:
@@ -148,7 +205,7 @@ def collect(runs: Path) -> dict[str, Any]:
         row: {str(p): cell(runs / "tjh" / (name if p == 0 else f"robust/{name}_{p}")) for p in SHUFFLED} for row, name in ROBUST_METHODS
     }
     cross = {row: cell(runs / "cross" / name) for row, name in CROSS}
-    return {"main": main, "ablation": ablation, "robustness": robustness, "cross_dataset": cross}
+    return {"main": main, "ablation": ablation, "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs)}
 
 
 def _run_facts(runs: Path) -> dict[str, Any]:
@@ -192,7 +249,9 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
         "- data: TJH (published split) and the MIMIC-IV Clinical Database Demo v2.2 (stratified split); sizes: see n",
         "",
     ]
-    lines += ["AUROC and AUPRC x100, mean ± std over the bootstrap resamples of the test patients answered (n: how many; ConCare: the whole test split). — : not run; n/a: undefined (one outcome among the patients).", ""]
+    lines += ["AUROC and AUPRC x100: mean ± std over the bootstrap resamples of the test patients answered (the paper's form), "
+              "then [2.5th, 97.5th percentile] of the same resamples, a 95% interval (n: how many patients; ConCare: the whole "
+              "test split). — : not run; n/a: undefined (one outcome among the patients).", ""]  # fmt: skip
 
     lines += ["## Main table", ""]
     header = "| method | " + " | ".join(f"{title} AUROC | {title} AUPRC | n" for _, title, _, _ in COLUMNS) + " |"
@@ -206,6 +265,40 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", "ConCare, observation window: trained and tested on TJH's first 2 days and MIMIC-IV's first 48 hours "
               "(stays that end earlier excluded); every other row reads the whole stay (the group's protocol).", ""]  # fmt: skip
+
+    lines += ["## Paired differences", "",
+              f"Method a − method b on the test patients both answered, x100, with a 95% percentile interval over {PAIRED_RESAMPLES} "
+              "paired bootstrap resamples (the same resampled patients for both methods). An interval that excludes 0 "
+              "is a difference this test set can tell apart.", ""]  # fmt: skip
+    lines += ["| a − b | " + " | ".join(f"{title} ΔAUROC | {title} ΔAUPRC | n" for _, title, _, _ in COLUMNS) + " |",
+              "|---" * (1 + 3 * len(COLUMNS)) + "|"]  # fmt: skip
+    for a, b in PAIRS:
+        cells = []
+        for key, *_ in COLUMNS:
+            d = results.get("paired", {}).get(key, {}).get(f"{a} − {b}")
+            if d is None:
+                cells.append("— | — | —")
+            elif "delta_auroc" not in d:
+                cells.append(f"n/a | n/a | {d['patients']}")
+            else:
+                one = lambda m: f"{100 * d[f'delta_{m}']:+.1f} [{100 * d[f'delta_{m}_ci_low']:+.1f}, {100 * d[f'delta_{m}_ci_high']:+.1f}]"  # noqa: E731
+                cells.append(f"{one('auroc')} | {one('auprc')} | {d['patients']}")
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## LLM answers on the test patients", "",
+              "Strict parse rate: answers whose `<Final Answer>` holds a probability (the reading the RL reward uses); "
+              "R_att: the Jaccard overlap of the named features with the expert's top-k (x100).", ""]  # fmt: skip
+    lines += ["| method | " + " | ".join(f"{title} strict parse | {title} R_att" for _, title, _, _ in COLUMNS) + " |",
+              "|---" * (1 + 2 * len(COLUMNS)) + "|"]  # fmt: skip
+    for row in LLM_ROWS:
+        cells = []
+        for key, *_ in COLUMNS:
+            c = results["main"][row][key]
+            rate = None if c is None else c.get("strict_parse_rate")
+            r_att = None if c is None else c.get("r_att")
+            cells.append(f"{'—' if rate is None else f'{100 * rate:.0f}%'} | {'—' if r_att is None else f'{100 * r_att:.1f}'}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines.append("")
 
     lines += ["", "## Ablations (TJH mortality)", "", "| variant | AUROC | AUPRC | n |", "|---|---|---|---|"]
     lines += [f"| {row} | " + " | ".join(fmt(results["ablation"][row])) + " |" for row, _ in ABLATIONS]

@@ -34,11 +34,12 @@ def _ids(data_root: Path) -> set[str]:
 
 
 def _record_lines(module) -> set[str]:
-    """Lines of the serialised EHR that belong to one patient only (values, not headers)."""
+    """Lines of the serialised EHR, in both text styles, that belong to one patient only (values, not headers)."""
     seen: dict[str, int] = {}
     for data in module.datasets.values():
         for i in range(len(data)):
-            for line in {line.strip() for line in data.text(i).splitlines()}:
+            text = data.text(i, style="paper") + "\n" + data.text(i, style="compact")
+            for line in {line.strip() for line in text.splitlines()}:
                 if len(line) >= 20 and re.search(r"\d", line):
                     seen[line] = seen.get(line, 0) + 1
     return {line for line, count in seen.items() if count == 1}

@@ -7,13 +7,19 @@ import json
 import random
 from pathlib import Path
 
-from eagrl.evaluation.report import ABLATIONS, COLUMNS, CROSS, MAIN, ROBUST_METHODS, SHUFFLED, build
+import pytest
+import torch
+
+from eagrl.evaluation.metrics import paired_difference
+from eagrl.evaluation.report import ABLATIONS, COLUMNS, CROSS, MAIN, PAIRED_RESAMPLES, PAIRS, ROBUST_METHODS, SHUFFLED, build, predictions
 
 
 def _run(folder: Path, seed: int, with_predictions: bool = True) -> dict:
     rng = random.Random(seed)
     metrics = {"test/auroc": rng.uniform(0.5, 1), "test/auroc_std": rng.uniform(0, 0.1), "test/auprc": rng.uniform(0.3, 1),
-               "test/auprc_std": rng.uniform(0, 0.1), "test/samples": 8.0}  # fmt: skip
+               "test/auprc_std": rng.uniform(0, 0.1), "test/samples": 8.0, "test/strict_parse_rate": rng.random(),
+               "test/r_att": rng.random()}  # fmt: skip
+    metrics["test/auroc_ci_low"], metrics["test/auroc_ci_high"] = metrics["test/auroc"] - 0.1, min(metrics["test/auroc"] + 0.05, 1.0)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(metrics))
     if with_predictions:
@@ -55,7 +61,17 @@ def test_report_has_every_cell_and_reads_each_from_its_run(tmp_path):
     for _, title, _, _ in COLUMNS:
         assert f"{title} AUROC" in text
     tjh_eagrl = expected[("EAG-RL", "tjh")]
-    assert f"{100 * tjh_eagrl['test/auroc']:.2f} ± {100 * tjh_eagrl['test/auroc_std']:.2f}" in text
+    interval = f"[{100 * tjh_eagrl['test/auroc_ci_low']:.1f}, {100 * tjh_eagrl['test/auroc_ci_high']:.1f}]"
+    assert f"{100 * tjh_eagrl['test/auroc']:.2f} ± {100 * tjh_eagrl['test/auroc_std']:.2f} {interval}" in text
+    # paired differences: every pair, equal to a direct computation on the two runs' predictions
+    for a, b in PAIRS:
+        assert f"| {a} − {b} |" in text
+    (ya, labels), (yb, _) = predictions(runs / "tjh" / "rl"), predictions(runs / "tjh" / "rl_grpo")
+    direct = paired_difference(torch.tensor(ya), torch.tensor(yb), torch.tensor(labels), PAIRED_RESAMPLES)
+    assert results["paired"]["tjh"]["EAG-RL − GRPO"] == pytest.approx({"patients": 8, **direct})
+    assert results["paired"]["mimic_iv_readmission"]["EAG-RL − DAPO"] is None  # DAPO not run there
+    strict = next(line for line in text.splitlines() if line.startswith("| EAG-RL |") and "%" in line)
+    assert f"{100 * tjh_eagrl['test/strict_parse_rate']:.0f}%" in strict and f"{100 * tjh_eagrl['test/r_att']:.1f}" in strict
     assert "—" in text and "not applicable" in text
     assert "| ConCare | order-invariant by construction |" in text  # no shuffled ConCare numbers
     window_row = next(line for line in text.splitlines() if line.startswith("| ConCare, observation window |"))
