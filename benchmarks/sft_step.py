@@ -1,7 +1,7 @@
 """One SFT step of the CPU config on this machine: the paper text style against the compact one, and
 float32 against bf16 autocast (fp32 master weights either way), in one run.
 
-    python benchmarks/sft_step.py [--dataset tjh] [--visits 2] [--batch 4] [--steps 3] [--threads 2]
+    python benchmarks/sft_step.py [--dataset tjh] [--visits 2] [--batch 4] [--steps 3] [--styles paper compact] [--autocast off bf16]
 
 The step is ``configs/<dataset>/sft.yaml``'s: the embedded SmolLM2-135M in fp32 with LoRA r 4 / alpha 8 on
 q/k/v/o, gradient checkpointing, ``--batch`` (prompt, completion) pairs of the first train patients showing
@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="pairs per step (the CPU config: 4)")
     parser.add_argument("--steps", type=int, default=3, help="steps per setting (the first is a warm-up)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--styles", nargs="+", default=["paper", "compact"], choices=["paper", "compact"])
+    parser.add_argument("--autocast", nargs="+", default=["off", "bf16"], choices=["off", "bf16"], help="float32 and/or bf16 autocast")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_sft_step.json")
     args = parser.parse_args()
 
@@ -56,9 +58,9 @@ def main() -> None:
     lora = LoraOptions(rank=4, alpha=8, dropout=0.05)
     tokenizer0 = _tokenizer()
     rows = []
-    for style in ("paper", "compact"):
+    for style in args.styles:
         prompts = [build_prompt(tokenizer0, data.text(i, style=style), args.dataset, "mortality", "decomposition", 2) for i in range(args.batch)]
-        for autocast in (False, True):
+        for autocast in [a == "bf16" for a in args.autocast]:
             torch.manual_seed(0)
             model, tokenizer = load_backbone(BackboneOptions(dtype="float32", lora=lora, gradient_checkpointing=True))
             model.train()
