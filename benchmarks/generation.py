@@ -1,7 +1,7 @@
 """Generation speed of the embedded SmolLM2-135M on this machine: our engine against plain ``model.generate``
 in float32, and the tokens per prompt of both text styles.
 
-    python benchmarks/generation.py [--threads 2] [--new-tokens 64] [--batch 8] [--repeats 1]
+    python benchmarks/generation.py [--threads 2] [--new-tokens 64] [--batch 8] [--repeats 1] [--parts speed prefill decode compile]
 
 Measured in one run, on the first ``--batch`` test patients, greedy, exactly ``--new-tokens`` new tokens per
 prompt (end-of-text suppressed until then), wall time with the prefill included:
@@ -11,9 +11,12 @@ prompt (end-of-text suppressed until then), wall time with the prefill included:
   machine (per-prompt chunked prefill, static-cache decode; text decoding and bookkeeping included).
 
 Comparisons: MIMIC-IV decomposition prompts in the paper style for both; TJH decomposition prompts in the
-paper style for plain and the compact style for ours (what a user gains by switching). Also: the prefill
-rate of ours as a fraction of the float32 linear-layer rate measured in the same run, the prefill rate per
-chunk size, and the decode cache (static vs dynamic) alone. Results: ``results/bench_generation.json``.
+paper style for plain and the compact style for ours (what a user gains by switching). Also (``--parts``):
+``prefill``, the prefill rate per chunk size as a fraction of the float32 linear-layer rate measured in the
+same run; ``decode``, one decode step with a static against a dynamic cache continuing the same prefilled
+cache (alternated, twice each); ``compile``, the static-cache step compiled (transformers' ``CompileConfig``
+forced onto the CPU) against eager, first call (compiling) and second. Results:
+``results/bench_generation.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
     parser.add_argument("--batch", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting (the median is kept)")
+    parser.add_argument("--parts", nargs="+", default=["speed", "prefill", "decode"], choices=["speed", "prefill", "decode", "compile"])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_generation.json")
     args = parser.parse_args()
 
@@ -42,7 +46,7 @@ def main() -> None:
 
     from datamodules import EHRDataModule
     from eagrl.io import write_json_atomic
-    from eagrl.llm.generation import Engine, SamplingOptions, generate, matmul_rates, prefill
+    from eagrl.llm.generation import SamplingOptions, continuing_cache, generate, matmul_rates, prefill
     from eagrl.llm.prompts import build_prompt
     from eagrl.models.backbone import BackboneOptions, generation_engine, load_backbone
 
@@ -99,7 +103,7 @@ def main() -> None:
         return statistics.median(times)
 
     ours(prompts[("mimic_iv", "compact")][:1])  # warm-up
-    cases = {
+    cases = {} if "speed" not in args.parts else {
         "mimic_iv paper (both)": (prompts[("mimic_iv", "paper")], prompts[("mimic_iv", "paper")]),
         "tjh paper (plain) vs compact (ours)": (prompts[("tjh", "paper")], prompts[("tjh", "compact")]),
     }
@@ -119,7 +123,7 @@ def main() -> None:
     batch = prompts[("tjh", "paper")]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in batch]
     chunks = {}
-    for chunk in (256, 512, 1024, 0):
+    for chunk in (256, 512, 1024, 0) if "prefill" in args.parts else ():
         with torch.inference_mode():
             start = time.perf_counter()
             prefill(model, encoded, chunk)
@@ -129,12 +133,40 @@ def main() -> None:
         print(f"prefill, chunk {chunk or 'whole':>5}: {rate:6.0f} tokens/s = {chunks[str(chunk or 'whole')]['fraction_of_linear_rate']:.0%} of the fp32 linear rate ({fp32_rate:.0f} GFLOP/s)")
     report["prefill"] = {"prompts": "tjh paper", "weights_per_token": weights, "by_chunk": chunks}
 
-    # the decode cache alone (same prefill): static against dynamic, MIMIC-IV paper prompts
-    decode = {}
-    for kind in ("static", "dynamic"):
-        decode[kind] = timed(lambda b, k=kind: ours(b, Engine(dtype=engine.dtype, prefill_chunk=engine.prefill_chunk, decode_cache=k)), cases["mimic_iv paper (both)"][1])
-        print(f"decode cache {kind}: {decode[kind]:.1f} s (MIMIC-IV paper prompts, prefill included)")
-    report["decode_cache_s"] = decode
+    # one decode step, static against dynamic cache, continuing the same prefilled MIMIC-IV paper batch
+    batch = prompts[("mimic_iv", "paper")]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in batch]
+    padded = tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
+    longest, steps = padded["input_ids"].shape[1], 32
+    greedy = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, temperature=None, top_p=None, top_k=None)
+    layers = None
+
+    def step_ms(kind: str, compile_config=None) -> float:
+        cache = continuing_cache(model, layers, longest - 1, steps + 1, kind)
+        extra = {"compile_config": compile_config} if compile_config is not None else {"disable_compile": True}
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**padded, past_key_values=cache, **greedy, **extra, pad_token_id=tokenizer.pad_token_id)
+        return 1000 * (time.perf_counter() - start) / steps
+
+    if {"decode", "compile"} & set(args.parts):
+        with torch.inference_mode():
+            layers, _ = prefill(model, encoded, engine.prefill_chunk)
+    if "decode" in args.parts:
+        decode = {"static": [], "dynamic": []}
+        for kind in ("static", "dynamic", "static", "dynamic"):
+            decode[kind].append(step_ms(kind))
+            print(f"decode step, {kind} cache: {decode[kind][-1]:.0f} ms (batch {len(batch)}, {longest}-token prompts, {steps} steps)", flush=True)
+        report["decode_step_ms"] = decode
+    if "compile" in args.parts:
+        from transformers import CompileConfig
+
+        compiled = CompileConfig(mode="default")
+        compiled._compile_all_devices = True  # transformers compiles the static-cache step only on accelerators otherwise
+        rows = {"eager": step_ms("static"), "compiled_first_call": step_ms("static", compiled), "compiled_second_call": step_ms("static", compiled)}
+        rows["eager_again"] = step_ms("static")
+        report["compiled_decode_step_ms"] = rows
+        print("compiled decode step: " + ", ".join(f"{k} {v:.0f} ms" for k, v in rows.items()), flush=True)
     write_json_atomic(args.out, report)
     print(f"wrote {args.out}")
 

@@ -28,8 +28,9 @@ from eagrl.mcts.policy import LLMPolicy, PolicySampling
 from eagrl.mcts.search import Patient, SearchConfig, search
 from eagrl.mcts.selection import SelectionConfig, select_trajectories
 from eagrl.mcts.store import TrajectoryStore, merge_stores
-from eagrl.models.backbone import BackboneOptions, context_length, generation_engine, load_backbone
+from eagrl.models.backbone import BackboneOptions, context_length, load_backbone
 from eagrl.rl.rewards import RewardConfig
+from lightning_modules.generation import UsesGenerationEngine
 from lightning_modules.prompting import PromptFitter
 
 
@@ -86,7 +87,7 @@ class TrajectoryWriter(BasePredictionWriter):
         trainer.strategy.barrier()
 
 
-class DistillModule(L.LightningModule):
+class DistillModule(UsesGenerationEngine, L.LightningModule):
     """Expert-guided trajectory distillation (``predict`` only).
 
     Args:
@@ -145,25 +146,13 @@ class DistillModule(L.LightningModule):
             self.llm, self.tokenizer = load_backbone(self.backbone_options)
         self.matcher = FeatureMatcher(names)
         self.policy = LLMPolicy(
-            self.llm, self.tokenizer, self.sampling, self.hparams.generation_batch_size, self.hparams.reuse_prompt_cache, self.engine
-        )
+            self.llm, self.tokenizer, self.sampling, self.hparams.generation_batch_size, self.hparams.reuse_prompt_cache
+        )  # its engine is set when predict starts (the module's device is known then)
         longest = max(self.sampling.subquestion.max_new_tokens + self.sampling.answer.max_new_tokens, self.sampling.final.max_new_tokens)
         limit = context_length(self.llm, self.backbone_options) - self.search_config.max_depth * longest
         self.fit_prompt = PromptFitter(
             self.tokenizer, limit, datamodule.dataset, datamodule.question, "decomposition", self.hparams.max_subquestions, self.hparams.truncate_visits
         )
-
-    @property
-    def engine(self):
-        """How the search generates (``BackboneOptions.generation_dtype`` resolved on this device, once)."""
-        if getattr(self, "_engine", None) is None:
-            self._engine = generation_engine(self.backbone_options, self.device)
-        return self._engine
-
-    @property
-    def generation_info(self) -> dict[str, Any]:
-        """What ``metrics.json`` records under ``generation``."""
-        return {**self.engine.describe(), "batch_size": self.hparams.generation_batch_size}
 
     def _writer(self) -> Optional[TrajectoryWriter]:
         return next((c for c in self.trainer.callbacks if isinstance(c, TrajectoryWriter)), None)
@@ -182,6 +171,7 @@ class DistillModule(L.LightningModule):
         # the batch's index in its split (not this rank's count): the same seed however the batches are sharded
         batch_number = int(batch["index"][0]) // self.trainer.datamodule.batch_size
         torch.manual_seed(self.hparams.seed * 1_000_003 + dataloader_idx * 100_003 + batch_number)
+        self.policy.engine = self.engine
         results = search(patients, self.policy, self.matcher, self.search_config, self.reward)
         out = []
         for k, result in enumerate(results):

@@ -29,8 +29,9 @@ from eagrl.io import atomic_path
 from eagrl.llm.generation import ANSWER_CUE, SamplingOptions, generate, yes_no_probability
 from eagrl.llm.parsing import FeatureMatcher, parse_answer
 from eagrl.llm.prompts import build_prompt
-from eagrl.models.backbone import BackboneOptions, context_length, generation_engine, load_backbone
+from eagrl.models.backbone import BackboneOptions, context_length, load_backbone
 from eagrl.rl.rewards import RewardConfig, combined_reward
+from lightning_modules.generation import UsesGenerationEngine
 
 
 class PromptFitter:
@@ -76,7 +77,7 @@ class PromptFitter:
         return best
 
 
-class AnswerEvaluator(L.LightningModule):
+class AnswerEvaluator(UsesGenerationEngine, L.LightningModule):
     """Shared by the prompting baselines and the fine-tuned models: in ``test``, prompt the LLM with every
     patient of the test dataloader(s), read ŷ and the named features, score them, log ``<split>/auroc``,
     ``<split>/auprc`` (bootstrap), ``<split>/parse_rate``, ``<split>/strict_parse_rate``, ``<split>/r_att`` (with an expert file), ... and
@@ -103,18 +104,6 @@ class AnswerEvaluator(L.LightningModule):
         self.fit_prompt = PromptFitter(
             self.tokenizer, limit, datamodule.dataset, datamodule.question, style, self.hparams.max_subquestions, self.hparams.truncate_visits
         )
-
-    @property
-    def engine(self):
-        """How this module generates (``BackboneOptions.generation_dtype`` resolved on its device, once)."""
-        if getattr(self, "_engine", None) is None:
-            self._engine = generation_engine(self.backbone_options, self.device)
-        return self._engine
-
-    @property
-    def generation_info(self) -> dict[str, Any]:
-        """What ``metrics.json`` records under ``generation``."""
-        return {**self.engine.describe(), "batch_size": self.hparams.generation_batch_size}
 
     def on_test_epoch_start(self) -> None:
         self.records: dict[str, list[dict[str, Any]]] = {}

@@ -199,7 +199,7 @@ def _compact_lines(values: np.ndarray, features: tuple[FeatureSpec, ...], order:
             unmeasured.append(spec.name)
             continue
         bounds = normal_bounds(spec.normal_range, sex)
-        flags = [bounds.flag(float(v)) for v in series] if bounds is not None else []
+        flags = [bounds.flag(float(format_value(float(v)))) for v in series] if bounds is not None else []  # as shown
         if bounds is not None and not any(flags):
             normal.append(spec.name)
             continue
@@ -214,7 +214,7 @@ def _compact_lines(values: np.ndarray, features: tuple[FeatureSpec, ...], order:
             course = f"{format_value(float(series.min()))}-{format_value(float(series.max()))}, {trend(float(series[0]), last)}"
         lines.append(f"- {spec.name}: {value}{flag}; {course}")
     if normal:
-        lines.append(f"Within the normal range at every visit: {'; '.join(normal)}.")
+        lines.append(f"Within the normal range at every measurement: {'; '.join(normal)}.")
     if unmeasured:
         lines.append(f"Not measured: {'; '.join(unmeasured)}.")
     return lines

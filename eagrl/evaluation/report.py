@@ -138,24 +138,30 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def _test_rows(run: Path) -> Optional[list[tuple[Optional[str], float, int]]]:
+    """(id or None, ŷ, label) of the test patients of a run, or None. Unparsed answers count as 0.5, as in the metrics."""
+    if (run / "generations.jsonl").is_file():
+        rows = [r for r in _jsonl(run / "generations.jsonl") if r.get("split", "test") == "test"]
+        return [(r.get("id"), r["y_hat"] if r["y_hat"] is not None else 0.5, int(r["label"])) for r in rows]
+    if (run / "expert_attention.jsonl").is_file():
+        rows = [r for r in _jsonl(run / "expert_attention.jsonl") if r.get("split") == "test"]
+        return [(r.get("id"), float(r["prob"]), int(r["label"])) for r in rows]
+    return None
+
+
 def predictions(run: Path) -> Optional[tuple[list[float], list[int]]]:
-    """(ŷ, labels) of the test patients of a run, or None. Unparsed answers count as 0.5, as in the metrics."""
-    found = predictions_by_id(run)
-    if found is None:
-        return None
-    return [y for y, _ in found.values()], [label for _, label in found.values()]
+    """(ŷ, labels) of the test patients of a run, or None."""
+    rows = _test_rows(run)
+    return None if rows is None else ([y for _, y, _ in rows], [label for _, _, label in rows])
 
 
 def predictions_by_id(run: Path) -> Optional[dict[str, tuple[float, int]]]:
-    """{sample id: (ŷ, label)} of the test patients of a run, or None (ids stay in memory, never written)."""
-    if (run / "generations.jsonl").is_file():
-        rows = [r for r in _jsonl(run / "generations.jsonl") if r.get("split", "test") == "test"]
-        fill = 0.5
-        return {str(r.get("id", k)): (r["y_hat"] if r["y_hat"] is not None else fill, int(r["label"])) for k, r in enumerate(rows)}
-    if (run / "expert_attention.jsonl").is_file():
-        rows = [r for r in _jsonl(run / "expert_attention.jsonl") if r.get("split") == "test"]
-        return {str(r.get("id", k)): (float(r["prob"]), int(r["label"])) for k, r in enumerate(rows)}
-    return None
+    """{sample id: (ŷ, label)} of the test patients of a run; None when it has none or a row without an id
+    (patients are paired by id only). The ids stay in memory, never written."""
+    rows = _test_rows(run)
+    if rows is None or any(i is None for i, _, _ in rows):
+        return None
+    return {str(i): (y, label) for i, y, label in rows}
 
 
 BASE_ROW = "Question Decomposition"

@@ -114,6 +114,8 @@ class Engine:
 
 
 _MEASURED: dict[str, tuple[float, float]] = {}
+STATIC_BUCKET = 256
+"""Static caches are sized in multiples of this many positions."""
 
 
 def matmul_rates(device: torch.device | str = "cpu", size: tuple[int, int, int] = (256, 576, 1536), repeats: int = 3) -> tuple[float, float]:
@@ -124,9 +126,10 @@ def matmul_rates(device: torch.device | str = "cpu", size: tuple[int, int, int] 
     if key not in _MEASURED:
         m, k, n = size
         rates, budget = [], None
+        generator = torch.Generator(device=device).manual_seed(0)  # never the global RNG: a resumed run must match
         for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(m, k, device=device).to(dtype)
-            w = torch.randn(n, k, device=device).to(dtype)
+            x = torch.randn(m, k, device=device, generator=generator).to(dtype)
+            w = torch.randn(n, k, device=device, generator=generator).to(dtype)
             torch.nn.functional.linear(x, w)  # warm-up
             done, start = 0, time.perf_counter()
             while done < repeats:
@@ -163,20 +166,24 @@ _COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def generation_weights(model, dtype: torch.dtype):
-    """``model`` itself when its weights are in ``dtype``; else a copy of it in ``dtype``, kept per model and
-    refreshed from its current weights at every call (so a policy that was just updated samples as it is now)."""
+    """``model`` itself when its weights are in ``dtype``; else a copy of it with its parameters in ``dtype``
+    (buffers unchanged), kept per model, whose trainable parameters are refreshed from the model's at every
+    call (so a policy that was just updated samples as it is now; frozen weights never change)."""
     first = next(model.parameters())
     if first.dtype == dtype or not first.is_floating_point():
         return model
     copy_ = _COPIES.get(model)
     if copy_ is None:
-        copy_ = copy.deepcopy(model).to(dtype)
-        copy_.requires_grad_(False)
+        copy_ = copy.deepcopy(model)
+        for param in copy_.parameters():  # parameters only: buffers (RoPE's inv_freq) keep their precision
+            param.data = param.data.to(dtype)
+            param.requires_grad_(False)
         _COPIES[model] = copy_
     else:
-        with torch.no_grad():
+        with torch.no_grad():  # the trainable weights (LoRA, or all in a full fine-tune) are what an update changes
             for target, source in zip(copy_.parameters(), model.parameters()):
-                target.copy_(source)
+                if source.requires_grad:
+                    target.copy_(source)
     copy_.train(model.training)
     return copy_
 
@@ -239,43 +246,72 @@ def continuing_cache(model, layers: list[tuple[torch.Tensor, torch.Tensor]], use
     from transformers import DynamicCache
 
     if kind == "static":
+        size = -(-(used + room) // STATIC_BUCKET) * STATIC_BUCKET  # a few sizes, so a compiled decode step is reused
         try:
             from transformers import StaticCache
 
-            cache = StaticCache(config=model.config, max_cache_len=used + room)
+            cache = StaticCache(config=model.config, max_cache_len=size)
         except (ImportError, TypeError):  # transformers < 4.5x: another signature
             cache = None
         if cache is not None:
             positions = torch.arange(used, device=layers[0][0].device)
             for i, (k, v) in enumerate(layers):
                 cache.update(k[:, :, :used], v[:, :, :used], i, {"cache_position": positions})
-            return cache
+            if int(cache.get_seq_length()) == used:  # some transformers versions count non-zero keys of row 0,
+                return cache  # which a left-padded row 0 miscounts: those fall back to the dynamic cache
     return DynamicCache(ddp_cache_data=[(k[:, :, :used], v[:, :, :used]) for k, v in layers])
 
 
-def _decode(model, tokenizer, input_ids, attention_mask, cache, options: SamplingOptions, stop_strings, want_logits: bool):
-    """``generate`` continuing ``cache``; returns (new ids [B, T], raw logits [B, T, V] or None)."""
+class _SampledLogprobs:
+    """A logits processor, last in the list, that keeps the log-prob of each sampled token under the scores it
+    sees (the distribution the token is drawn from) without keeping the scores: at step t it reads the token
+    drawn at step t − 1 from ``input_ids`` and looks it up in the previous step's log-softmax ([B, V], one)."""
+
+    def __init__(self):
+        self.previous: Optional[torch.Tensor] = None  # [B, V]
+        self.steps: list[torch.Tensor] = []  # T − 1 x [B]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def result(self, new: torch.Tensor) -> torch.Tensor:
+        """[B, T] log-probs of ``new`` [B, T], the tokens generated."""
+        if self.previous is not None and len(self.steps) < new.shape[1]:  # the last token: no call after it
+            self.steps.append(self.previous.gather(-1, new[:, len(self.steps) : len(self.steps) + 1]).squeeze(-1))
+        return torch.stack(self.steps, dim=1) if self.steps else new.new_zeros((new.shape[0], 0), dtype=torch.float)
+
+
+def _decode(model, tokenizer, input_ids, attention_mask, cache, options: SamplingOptions, stop_strings, want_logprobs: bool):
+    """``generate`` continuing ``cache``; returns (new ids [B, T], sampler log-probs [B, T] or None).
+
+    With ``want_logprobs``, the temperature is applied by our own processor ahead of the recorder (transformers
+    orders its own warpers after custom processors in some versions and before in others)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper
+
+    kwargs = options.generation_kwargs()
     extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
-    if want_logits:
-        extra.update(output_logits=True, return_dict_in_generate=True)
+    recorder = None
+    if want_logprobs:
+        recorder = _SampledLogprobs()
+        processors = [recorder]
+        if options.do_sample and options.temperature != 1.0:
+            processors.insert(0, TemperatureLogitsWarper(options.temperature))
+            kwargs["temperature"] = 1.0
+        extra["logits_processor"] = LogitsProcessorList(processors)
     with _quiet_cache_warning():
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=cache,
-            **options.generation_kwargs(),
+            **kwargs,
             **extra,
             pad_token_id=tokenizer.pad_token_id,
         )
-    if want_logits:
-        return output.sequences[:, input_ids.shape[1] :], torch.stack(output.logits, dim=1)
-    return output[:, input_ids.shape[1] :], None
-
-
-def _sampler_logprobs(logits: torch.Tensor, new: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / temperature) at the sampled tokens: logits [B, T, V], new [B, T] -> [B, T]."""
-    logp = torch.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)
-    return logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    new = output[:, input_ids.shape[1] :]
+    return new, (recorder.result(new) if recorder is not None else None)
 
 
 @torch.inference_mode()
@@ -483,8 +519,7 @@ def sample_groups(
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         past = cache.select(runner, chunk, used, options.max_new_tokens + 1)
-        new, logits = _decode(runner, tokenizer, cache.input_ids[chunk], cache.attention_mask[chunk], past, options, None, logprobs)
-        sampled = _sampler_logprobs(logits, new, options.temperature) if logits is not None else None  # [b, T]
+        new, sampled = _decode(runner, tokenizer, cache.input_ids[chunk], cache.attention_mask[chunk], past, options, None, logprobs)  # [b, T] each
         for row, r in enumerate(chunk):
             generation = _finish(tokenizer, new[row].tolist(), eos, None, cache.prompt_tokens[r])
             if sampled is not None:

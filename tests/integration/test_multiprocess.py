@@ -49,8 +49,11 @@ def _metrics(root: Path) -> dict[str, float]:
 
 def assert_same(got: Path, want: Path, skip: tuple[str, ...] = ()) -> None:
     a, b = _metrics(want), _metrics(got)
-    names = [k for k in a if not k.startswith(skip) and not k.endswith("step_time")]
+    names = [k for k in a if not k.startswith(skip) and not k.endswith("step_time") and k != "generation"]
     assert names
+    generation = a.get("generation")
+    if generation:  # how it generated: the same settings, whatever each run's start-up benchmark measured
+        assert {k: v for k, v in b["generation"].items() if k != "dtype_choice"} == {k: v for k, v in generation.items() if k != "dtype_choice"}
     for name in names:
         if a[name] is None:
             assert b[name] is None, name

@@ -62,7 +62,7 @@ def test_every_measured_variable_is_shown_once_and_nothing_unmeasured_as_a_value
     for name in measured | {"Hemoglobin", "Lactate", "Albumin"}:
         assert text.count(name) == 1, name  # once: its own line, the normal group or the unmeasured list
     assert set(_lines(text)) == {"Heart rate", "pH (source not recorded)"}
-    assert set(_group(text, "Within the normal range at every visit:")) == {"Troponin", "eGFR", "GCS total"}
+    assert set(_group(text, "Within the normal range at every measurement:")) == {"Troponin", "eGFR", "GCS total"}
     assert set(_group(text, "Not measured:")) == {"Hemoglobin", "Lactate", "Albumin"}  # listed by name, no value
     assert "NA" not in text.split()  # nothing imputed, no missing-value placeholders
     assert _lines(text)["Heart rate"] == "- Heart rate: 130 bpm H; 110-130, rising"
@@ -75,6 +75,7 @@ def test_every_measured_variable_is_shown_once_and_nothing_unmeasured_as_a_value
     [
         ("Heart rate", 100.0, 1, ""),  # inclusive edges
         ("Heart rate", 100.01, 1, "H"),
+        ("Heart rate", 100.004, 1, ""),  # shown as 100: flagged as shown
         ("Heart rate", 60.0, 1, ""),
         ("Heart rate", 59.99, 1, "L"),
         ("Troponin", 13.99, 1, ""),  # "< 14": 14 itself is abnormal
@@ -94,7 +95,7 @@ def test_flags_at_the_range_edges(name, value, sex, flag):
     if flag:
         assert _lines(text)[name].startswith(f"- {name}: ") and f" {flag}; measured once" in _lines(text)[name]
     else:
-        assert name not in _lines(text) and name in _group(text, "Within the normal range at every visit:")
+        assert name not in _lines(text) and name in _group(text, "Within the normal range at every measurement:")
 
 
 def test_a_variable_abnormal_earlier_keeps_its_own_line_without_a_flag_on_a_normal_last_value():
@@ -126,7 +127,7 @@ def test_the_shuffle_permutes_variables_before_grouping():
     shuffled = serialize_patient(values, np.array([1, 2, 3]), SPECS, style="compact", sample_id="a", shuffle_fraction=1.0, shuffle_seed=3)
     own = [[line for line in text.splitlines() if line.startswith("- ")] for text in (plain, shuffled)]
     assert sorted(own[0]) == sorted(own[1]) and own[0] != own[1]  # the same variable lines, in another order
-    normal = "Within the normal range at every visit:"
+    normal = "Within the normal range at every measurement:"
     assert sorted(_group(plain, normal)) == sorted(_group(shuffled, normal)) and _group(plain, normal) != _group(shuffled, normal)
 
 
@@ -145,7 +146,7 @@ def test_compact_tjh_text_is_shorter_and_names_only_catalogue_features(tjh_modul
     for i in range(5):
         compact, paper = data.text(i, style="compact"), data.text(i, style="paper")
         assert len(compact) < 0.7 * len(paper)
-        shown = set(_lines(compact)) | set(_group(compact, "Within the normal range at every visit:")) | set(_group(compact, "Not measured:"))
+        shown = set(_lines(compact)) | set(_group(compact, "Within the normal range at every measurement:")) | set(_group(compact, "Not measured:"))
         assert shown == names - {"Sex", "Age"}  # every feature, by its dataset name
         measured = np.flatnonzero(~np.isnan(data[i]["raw"]).all(axis=0))
         assert {TJH_FEATURES[j].name for j in measured} - {"Sex", "Age"} == shown - set(_group(compact, "Not measured:"))

@@ -92,6 +92,9 @@ def test_a_bf16_generation_copy_follows_the_fp32_weights(tokenizer):
     model = tiny_random_llama(tokenizer, seed=1)
     copy_ = generation_weights(model, torch.bfloat16)
     assert copy_ is not model and next(model.parameters()).dtype == torch.float32  # the trained weights stay fp32
+    assert all(p.dtype == torch.bfloat16 for p in copy_.parameters())
+    rope = [b for n, b in copy_.named_buffers() if n.endswith("inv_freq")]
+    assert rope and all(b.dtype == torch.float32 for b in rope)  # RoPE's frequencies keep their precision
     assert generation_weights(model, torch.float32) is model
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # an optimiser step
@@ -140,3 +143,12 @@ def test_bf16_greedy_tokens_on_smollm2_mostly_match_fp32(tmp_path_factory):
     bf16 = generate(model, tokenizer, prompts, options, batch_size=4, engine=Engine(dtype=torch.bfloat16))
     equal = sum(a.tokens == b.tokens for a, b in zip(fp32, bf16))
     assert equal >= 3, [(a.text, b.text) for a, b in zip(fp32, bf16)]
+
+
+def test_measuring_the_dtypes_leaves_the_global_random_state_alone():
+    from eagrl.llm import generation
+
+    generation._MEASURED.pop("cpu", None)
+    state = torch.random.get_rng_state()
+    generation.matmul_rates("cpu", size=(16, 32, 48), repeats=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # else a resumed run would sample differently

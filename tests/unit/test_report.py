@@ -23,7 +23,7 @@ def _run(folder: Path, seed: int, with_predictions: bool = True) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(metrics))
     if with_predictions:
-        rows = [{"split": "test", "label": k % 2, "y_hat": rng.random()} for k in range(8)]
+        rows = [{"id": f"s{k}", "split": "test", "label": k % 2, "y_hat": rng.random()} for k in range(8)]
         (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         logs = folder / "logs/version_0"
         logs.mkdir(parents=True)
