@@ -50,12 +50,15 @@ $(RUNS)/mimic_iv/concare_%/expert_attention.jsonl: configs/mimic_iv/concare_%.ya
 
 concare: $(RUNS)/tjh/concare/expert_attention.jsonl $(RUNS)/mimic_iv/concare_mortality/expert_attention.jsonl $(RUNS)/mimic_iv/concare_readmission/expert_attention.jsonl  ## train the ConCare experts (TJH, MIMIC-IV mortality and readmission)
 
-# The whole pipeline (eagrl/pipeline.py, stage by stage): ConCare -> prompting baselines -> stage-1 distillation
-# and SFT -> GRPO, DAPO, EAG-RL -> ablations -> robustness and cross-dataset tests -> results/results.md, results.json
-# and plots. A stage whose outputs are newer than its inputs and configs is skipped: rerun to resume.
-# PROFILE=cpu (default): SmolLM2 on CPU, small sizes (configs/reproduce/); PROFILE=paper MODEL=/path/to/7B: a GPU.
+# The whole pipeline (eagrl/pipeline.py, stage by stage): the synthetic mechanism check, then per real cohort ConCare ->
+# prompting baselines -> stage-1 distillation and SFT -> GRPO, DAPO, EAG-RL -> ablations -> robustness and cross-dataset
+# tests -> results/results.md, results.json and plots. A stage whose outputs are newer than its inputs and configs is
+# skipped: rerun to resume.
+# PROFILE=cpu (default): SmolLM2 on CPU, every test patient, every train/val patient searched, RL to a token budget
+# (configs/reproduce/); PROFILE=quick: a first look at a few patients (configs/reproduce/quick/);
+# PROFILE=paper MODEL=/path/to/7B: a GPU.
 MODEL ?=
-reproduce: install summaries  ## run the whole pipeline (PROFILE=cpu|paper, MODEL=... for paper; RUNS=runs)
+reproduce: install summaries  ## run the whole pipeline (PROFILE=cpu|quick|paper, MODEL=... for paper; RUNS=runs)
 	$(PY) -m eagrl.pipeline --profile $(PROFILE) --runs $(RUNS) --results results $(if $(MODEL),--model $(MODEL))
 
 bench: install  ## preprocessing speed and memory benchmark

@@ -1,4 +1,4 @@
-"""``EHRDataModule``: one LightningDataModule for TJH and MIMIC-IV, chosen by config.
+"""``EHRDataModule``: one LightningDataModule for TJH, MIMIC-IV and the synthetic cohort, chosen by config.
 
 Preprocessing runs once in ``prepare_data`` and is cached (see ``eagrl.data.preprocess``); ``setup``
 loads the cache. A batch is a dict of padded tensors (see ``collate_samples``); ``EHRDataset.text``
@@ -19,7 +19,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import DataLoader, Subset, Dataset
 
 from datamodules.sampling import BatchShard, make_loader
-from eagrl.data import mimic_iv, tjh
+from eagrl.data import mimic_iv, synthetic, tjh
 from eagrl.data.cohort import SPLITS, PreparedCohort
 from eagrl.data.features import DATASET_TASKS
 from eagrl.data.preprocess import (
@@ -130,8 +130,9 @@ class EHRDataModule(L.LightningDataModule):
     """TJH or MIMIC-IV, preprocessed once and cached; train/val/test loaders of padded batches.
 
     Args:
-        dataset: ``tjh`` or ``mimic_iv``.
-        task: ``mortality`` (both) or ``readmission`` (MIMIC-IV).
+        dataset: ``tjh``, ``mimic_iv`` or ``synthetic`` (generated patients whose outcome follows a known rule over
+            three variables, the mechanism check: ``eagrl.data.synthetic``).
+        task: ``mortality`` (all) or ``readmission`` (MIMIC-IV).
         data_dir: the shared data folder (default: ``$EAGRL_DATA_DIR`` or ``../shared/data``).
         mimic_dir: the MIMIC-IV folder (with ``hosp/`` and ``icu/``), relative to ``data_dir`` or absolute.
             Point it at a full MIMIC-IV v2.2/v3.1 folder to use the full database.
@@ -142,6 +143,8 @@ class EHRDataModule(L.LightningDataModule):
             ``split.csv`` in the cache folder (``summary`` prints where).
         split_file: with ``split: file``, a CSV with columns ``id,patient,split`` (such a ``split.csv``) or
             ``PATIENT_ID,split``, naming every sample of the cohort before exclusions.
+        synthetic_patients: ``dataset: synthetic``: how many patients to generate.
+        synthetic_seed: ``dataset: synthetic``: the generator's seed (the split has its own, ``split_seed``).
         split_ratios: train/val/test fractions of patients for the stratified split.
         split_seed: seed of the stratified split.
         observation_hours: MIMIC-IV mortality: read only the first N hours after ICU ``intime``; stays that end
@@ -176,7 +179,7 @@ class EHRDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        dataset: Literal["tjh", "mimic_iv"] = "tjh",
+        dataset: Literal["tjh", "mimic_iv", "synthetic"] = "tjh",
         task: str = "mortality",
         data_dir: Optional[str] = None,
         mimic_dir: str = "mimic-iv-demo",
@@ -185,6 +188,8 @@ class EHRDataModule(L.LightningDataModule):
         split_file: Optional[str] = None,
         split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
         split_seed: int = 42,
+        synthetic_patients: PositiveInt = 500,
+        synthetic_seed: int = 0,
         batch_size: PositiveInt = 64,
         num_workers: NonNegativeInt = 0,
         text_style: Literal["paper", "compact"] = "paper",
@@ -217,6 +222,8 @@ class EHRDataModule(L.LightningDataModule):
         window = {"observation_hours": observation_hours, "observation_days": observation_days}
         own = "observation_hours" if dataset == "mimic_iv" else "observation_days"
         for key, value in window.items():
+            if value is not None and dataset == "synthetic":
+                raise EAGRLInputError(f"data.{key}: the synthetic cohort has no observation window (its rule reads the last visit)")
             if value is not None and key != own:
                 raise EAGRLInputError(f"data.{key} applies to {'mimic_iv' if key == 'observation_hours' else 'tjh'}; for {dataset} use data.{own}")
             if value is not None and task == "readmission":
@@ -238,6 +245,8 @@ class EHRDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------ preprocessing
     def _source_dir(self) -> Path:
+        if self.dataset == "synthetic":  # generated: nothing is read
+            return Path("generated")
         root = data_dir(self.hparams.data_dir)
         if self.dataset == "tjh":
             return root
@@ -271,7 +280,10 @@ class EHRDataModule(L.LightningDataModule):
         return {}
 
     def _options(self, source: Path) -> dict[str, Any]:
-        options: dict[str, Any] = {"source_dir": str(source.resolve()), "split": self.split, **self._window()}
+        source_dir = "generated" if self.dataset == "synthetic" else str(source.resolve())
+        options: dict[str, Any] = {"source_dir": source_dir, "split": self.split, **self._window()}
+        if self.dataset == "synthetic":
+            options.update(synthetic_patients=self.hparams.synthetic_patients, synthetic_seed=self.hparams.synthetic_seed)
         if self.split == "stratified":
             options.update(split_ratios=list(self.hparams.split_ratios), split_seed=self.hparams.split_seed)
         if self.split == "file":
@@ -287,6 +299,8 @@ class EHRDataModule(L.LightningDataModule):
         hp = self.hparams
         if self.dataset == "tjh":
             raw = tjh.load_tjh(source, hp.observation_days)
+        elif self.dataset == "synthetic":
+            raw = synthetic.load_synthetic(hp.synthetic_patients, hp.synthetic_seed)
         else:
             level = hp.readmission_level if self.task == "readmission" else "icu"
             raw = mimic_iv.load_mimic_iv(source, hp.chunk_size, hp.max_steps, hp.progress, hp.observation_hours, level)
@@ -314,7 +328,7 @@ class EHRDataModule(L.LightningDataModule):
     def load_cohort(self) -> PreparedCohort:
         """Load the cached cohort, preprocessing first when the cache is missing or stale."""
         source = self._source_dir()
-        sources = tjh.source_files(source) if self.dataset == "tjh" else mimic_iv.source_files(source)
+        sources = {"tjh": tjh.source_files, "mimic_iv": mimic_iv.source_files, "synthetic": lambda _: []}[self.dataset](source)
         sources += [p for p in [self._split_file()] if p is not None]
         options, root = self._options(source), cache_dir(self.hparams.cache_dir)
         folder = cache_folder(root, self.dataset, options)

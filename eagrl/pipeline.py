@@ -1,32 +1,37 @@
 """The whole EAG-RL pipeline in one command (what ``make reproduce`` runs), stage by stage.
 
-    python -m eagrl.pipeline [--profile cpu|paper|smoke] [--runs runs] [--results results] [--model PATH]
+    python -m eagrl.pipeline [--profile cpu|quick|paper|smoke] [--runs runs] [--results results] [--model PATH]
 
 Every stage is one ``python -m eagrl`` command (the same CLI a user runs) whose run directory lies at a
 known path under ``--runs``; the next stages read its outputs from there. A stage whose outputs are newer
 than its inputs and configs is skipped, so rerunning the command after an interruption resumes at the
-first unfinished stage. In order, per dataset (TJH mortality, MIMIC-IV mortality, MIMIC-IV readmission):
+first unfinished stage. First the mechanism check on the synthetic cohort (``eagrl.data.synthetic``: ConCare,
+Question Decomposition, stage 1, SFT, GRPO and EAG-RL), then, in order, per dataset (TJH mortality, MIMIC-IV
+mortality, MIMIC-IV readmission):
 
- 1. ``concare``      the expert (fit, then test) -> ``expert_attention.jsonl``      (CPU: ~1 min TJH, ~15 s MIMIC)
+ 1. ``concare``      the expert (fit, then test) -> ``expert_attention.jsonl``
     ``concare_window``  the same under the observation window (mortality: TJH's first 2 days, MIMIC-IV's 48 h)
  2. ``prompting_*``  Vanilla, Think-then-Answer, Question Decomposition on the test patients -> ``metrics.json``,
-                     ``generations.jsonl``                                      (CPU: ~1-2 min TJH, ~20 s MIMIC)
- 3. ``distill``      stage 1's MCTS over train patients (predict) -> ``trajectories.jsonl``   (CPU: ~2 min / ~40 s)
- 4. ``sft``          LoRA SFT on them, then the test patients (fit) -> ``model/merged``      (CPU: ~3 min / ~45 s)
+                     ``generations.jsonl``
+ 3. ``distill``      stage 1's MCTS over the train and val patients (predict) -> ``trajectories.jsonl``
+ 4. ``sft``          LoRA SFT on them, then the test patients (fit) -> ``model/merged``
  5. ``rl_grpo``, ``rl_dapo``, ``rl``   GRPO, DAPO and EAG-RL from the SFT model, then the test patients (fit)
-                     -> ``model/merged``, ``metrics.json``, RL curves in ``logs/``          (CPU: ~2 min / ~55 s each)
+                     -> ``model/merged``, ``metrics.json``, RL curves in ``logs/``
 
 then, on TJH, the ablations (``rl_no_stage1`` from the base model, ``rl_no_att``, ``rl_no_entropy``; "without
-stage 2" is the SFT run; ~2 min each), the robustness study (the base LLM and EAG-RL re-tested with 20/40/60/100% of
-the feature order of the text shuffled: ``robust/<method>_<percent>``; ~50 s each; ConCare is order-invariant), the
-cross-dataset study (the MIMIC-IV mortality models tested on TJH: ``cross/<method>``; ~50 s each), and
-finally the report (``results/results.md``, ``results.json`` and the plots; ``eagrl.evaluation.report``).
-Measured on 2 CPU cores: the whole CPU profile in 56.7 min (an upper bound: see the README).
+stage 2" is the SFT run), the robustness study (the base LLM and EAG-RL re-tested with 20/40/60/100% of the
+feature order of the text shuffled: ``robust/<method>_<percent>``; ConCare is order-invariant), the cross-dataset
+study (the MIMIC-IV mortality models tested on TJH: ``cross/<method>``), and finally the report
+(``results/results.md``, ``results.json`` and the plots; ``eagrl.evaluation.report``). Stage times: the README.
 
-Profiles: ``cpu`` (the default) runs the CPU configs of each stage with the small sizes of
-``configs/reproduce/<stage>.yaml`` on top (SmolLM2-135M, a few patients per evaluation); ``paper`` runs the
-``*_paper.yaml`` configs on a GPU with the 7B model given by ``--model`` (checked before any work);
-``smoke`` adds the tiny random model of ``configs/smoke/`` (the pipeline test).
+Profiles:
+- ``cpu`` (the default): SmolLM2-135M with the sizes of ``configs/reproduce/<stage>.yaml``: every LLM method of the
+  main table on every test patient, stage 1 over every train and val patient (synthetic: 64 per split), SFT for an
+  epoch over every kept trajectory, each RL variant to the same budget of generated tokens; the ablation, robustness
+  and cross-dataset runs on one fixed balanced subset of 100 TJH test patients.
+- ``quick``: a first look with the small sizes of ``configs/reproduce/quick/`` (6 test patients, 2 RL steps).
+- ``paper``: the ``*_paper.yaml`` configs on a GPU with the 7B model given by ``--model`` (checked before any work).
+- ``smoke``: the quick sizes and the tiny random model of ``configs/smoke/`` (the pipeline test).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from eagrl.errors import EAGRLInputError
 from eagrl.paths import REPO_ROOT
 
 DATASETS = [  # (key, dataset folder, task override, run-name suffix)
+    ("synthetic", "synthetic", None, ""),  # the mechanism check first (eagrl.data.synthetic): the main methods only
     ("tjh", "tjh", None, ""),
     ("mimic_iv_mortality", "mimic_iv", "mortality", "_mortality"),
     ("mimic_iv_readmission", "mimic_iv", "readmission", "_readmission"),
@@ -53,6 +59,9 @@ STYLES = ["vanilla", "think", "decomposition"]
 RL_VARIANTS = {"rl_grpo": "configs/rl/grpo.yaml", "rl_dapo": "configs/rl/dapo.yaml", "rl": None}
 ABLATIONS = {"rl_no_att": "configs/rl/no_attention_reward.yaml", "rl_no_entropy": "configs/rl/no_entropy_clip.yaml", "rl_no_stage1": None}
 SHUFFLED = [20, 40, 60, 100]
+SYNTHETIC_STAGES = {"concare", "prompting_decomposition", "distill", "sft", "rl_grpo", "rl"}
+SUBSET = 100  # PROFILE=cpu: the fixed balanced subset of TJH test patients of the ablation, robustness and cross-dataset runs
+SYNTHETIC_DISTILL_BATCHES = 8  # PROFILE=cpu: stage 1 on 8 batches of 8 synthetic patients per split (a mechanism check)
 
 
 @dataclass
@@ -87,12 +96,17 @@ class Plan:
 
     # -------------------------------------------------------------------------------- helpers
     def _config(self, folder: str, stage: str) -> list[str]:
-        """``--config`` arguments of a stage: its dataset config, then the profile's overlays."""
-        paper = self.profile == "paper" and (REPO_ROOT / f"configs/{folder}/{stage}_paper.yaml").is_file()
-        files = [f"configs/{folder}/{stage}_paper.yaml" if paper else f"configs/{folder}/{stage}.yaml"]
+        """``--config`` arguments of a stage: its dataset config, then the profile's overlays (the synthetic cohort:
+        the TJH config with ``configs/synthetic/cohort.yaml`` on top)."""
+        cohort = "tjh" if folder == "synthetic" else folder
+        paper = self.profile == "paper" and (REPO_ROOT / f"configs/{cohort}/{stage}_paper.yaml").is_file()
+        files = [f"configs/{cohort}/{stage}_paper.yaml" if paper else f"configs/{cohort}/{stage}.yaml"]
+        if folder == "synthetic":
+            files.append("configs/synthetic/cohort.yaml")
         kind = stage.split("_")[0] if not stage.startswith("concare") else "concare"
-        if self.profile in ("cpu", "smoke") and (REPO_ROOT / f"configs/reproduce/{kind}.yaml").is_file():
-            files.append(f"configs/reproduce/{kind}.yaml")
+        sizes = "configs/reproduce/quick" if self.profile in ("quick", "smoke") else "configs/reproduce"
+        if self.profile in ("cpu", "quick", "smoke") and (REPO_ROOT / f"{sizes}/{kind}.yaml").is_file():
+            files.append(f"{sizes}/{kind}.yaml")
         if self.profile == "smoke":
             files.append(f"configs/smoke/{kind}.yaml")
         return [a for f in files for a in ("--config", f)]
@@ -109,18 +123,24 @@ class Plan:
         for path in outputs:
             self.producer[path] = name
 
+    def _subset(self) -> list[str]:
+        """The ablation, robustness and cross-dataset runs' test patients: PROFILE=cpu, one fixed balanced subset."""
+        return ["--data.init_args.eval_patients", str(SUBSET)] if self.profile == "cpu" else []
+
     def _dataset(self, key: str, folder: str, task: Optional[str], suffix: str) -> None:
         runs = self.runs / folder
+        synthetic = folder == "synthetic"
+        wanted = (lambda name: name in SYNTHETIC_STAGES) if synthetic else (lambda name: True)
         task_args = ["--data.init_args.task", task] if task else []
         concare = runs / f"concare{suffix}"
-        concare_config = "concare" if folder == "tjh" else f"concare_{task}"
+        concare_config = "concare" if folder in ("tjh", "synthetic") else f"concare_{task}"
         expert = concare / "expert_attention.jsonl"
         self._add(
             f"{key}/concare",
             ["fit", *self._config(folder, concare_config), "--trainer.default_root_dir", str(concare)],
             [expert, concare / "metrics.json"], [],
         )  # fmt: skip
-        if task != "readmission":  # ConCare under the observation window, beside the whole stay (readmission: whole stay)
+        if task != "readmission" and not synthetic:  # ConCare under the observation window, beside the whole stay (readmission: whole stay)
             window = runs / f"concare_window{suffix}"
             overlay = ["--config", "configs/windows/tjh_2days.yaml" if folder == "tjh" else "configs/windows/mimic_iv_48h.yaml"]
             self._add(
@@ -128,7 +148,7 @@ class Plan:
                 ["fit", *self._config(folder, concare_config), *overlay, "--trainer.default_root_dir", str(window)],
                 [window / "metrics.json"], [],
             )  # fmt: skip
-        for style in STYLES:
+        for style in [s for s in STYLES if wanted(f"prompting_{s}")]:
             run = runs / f"prompting_{style}{suffix}"
             self._add(
                 f"{key}/prompting_{style}",
@@ -138,9 +158,10 @@ class Plan:
             )  # fmt: skip
         distill, sft = runs / f"distill{suffix}", runs / f"sft{suffix}"
         trajectories = distill / "trajectories.jsonl"
+        small = ["--trainer.limit_predict_batches", str(SYNTHETIC_DISTILL_BATCHES)] if synthetic and self.profile == "cpu" else []
         self._add(
             f"{key}/distill",
-            ["predict", *self._config(folder, "distill"), *task_args, *self._llm(),
+            ["predict", *self._config(folder, "distill"), *small, *task_args, *self._llm(),
              "--model.init_args.expert_attention", str(expert), "--trainer.default_root_dir", str(distill)],
             [trajectories], [expert],
         )  # fmt: skip
@@ -152,11 +173,12 @@ class Plan:
             [sft / "metrics.json", merged / "config.json"], [trajectories, expert],
         )  # fmt: skip
         for name, overlay in RL_VARIANTS.items():
-            self._rl(key, folder, suffix, task_args, name, overlay, str(merged), [merged / "config.json"], expert)
+            if wanted(name):
+                self._rl(key, folder, suffix, task_args, name, overlay, str(merged), [merged / "config.json"], expert)
 
-    def _rl(self, key, folder, suffix, task_args, name, overlay, start: str, start_files, expert) -> None:
+    def _rl(self, key, folder, suffix, task_args, name, overlay, start: str, start_files, expert, test: Optional[list[str]] = None) -> None:
         run = self.runs / folder / f"{name}{suffix}"
-        extra = ["--config", overlay] if overlay else []
+        extra = (["--config", overlay] if overlay else []) + (test or [])
         config = self._config(folder, "rl")
         self._add(
             f"{key}/{name}",
@@ -171,9 +193,9 @@ class Plan:
         for name, overlay in ABLATIONS.items():
             if name == "rl_no_stage1":  # RL straight from the base model
                 base = self.model if self.profile == "paper" else ("tiny-random-llama" if self.profile == "smoke" else "embedded:smollm2-135m-instruct")
-                self._rl("tjh", "tjh", "", [], name, None, str(base), [], expert)
+                self._rl("tjh", "tjh", "", [], name, None, str(base), [], expert, self._subset())
             else:
-                self._rl("tjh", "tjh", "", [], name, overlay, str(merged), [merged / "config.json"], expert)
+                self._rl("tjh", "tjh", "", [], name, overlay, str(merged), [merged / "config.json"], expert, self._subset())
 
     def _test_with(self, name: str, folder: str, config_stage: str, backbone: Optional[str], inputs: list[Path], run: Path, extra: list[str]) -> None:
         model = ["--model.init_args.backbone.name", backbone] if backbone else self._llm()
@@ -183,7 +205,7 @@ class Plan:
         runs = self.runs / "tjh"
         expert = runs / "concare" / "expert_attention.jsonl"
         for percent in SHUFFLED:  # the LLMs only: ConCare is order-invariant by construction (one GRU per feature)
-            shuffle = ["--data.init_args.shuffle_fraction", str(percent / 100)]
+            shuffle = ["--data.init_args.shuffle_fraction", str(percent / 100), *self._subset()]
             with_expert = [*shuffle, "--model.init_args.expert_attention", str(expert)]
             self._test_with(f"tjh/robust/prompting_decomposition_{percent}", "tjh", "prompting_decomposition", None, [expert],
                             runs / "robust" / f"prompting_decomposition_{percent}", with_expert)  # fmt: skip
@@ -198,7 +220,7 @@ class Plan:
             backbone = None if name.startswith("prompting") else str(merged)
             inputs = [expert] if backbone is None else [merged / "config.json", expert]
             self._test_with(f"cross/{name}", "tjh", "prompting_decomposition", backbone, inputs, self.runs / "cross" / name,
-                            ["--model.init_args.expert_attention", str(expert)])  # fmt: skip
+                            ["--model.init_args.expert_attention", str(expert), *self._subset()])  # fmt: skip
 
 
 def check_profile(profile: str, model: Optional[str]) -> None:
@@ -258,7 +280,7 @@ def _run_in_process(stage: Stage) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    parser.add_argument("--profile", choices=["cpu", "paper", "smoke"], default=os.environ.get("PROFILE", "cpu"))
+    parser.add_argument("--profile", choices=["cpu", "quick", "paper", "smoke"], default=os.environ.get("PROFILE", "cpu"))
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the run directories go")
     parser.add_argument("--results", type=Path, default=Path("results"), help="where results.md/json and the plots go")
     parser.add_argument("--model", default=os.environ.get("MODEL"), help="PROFILE=paper: the 7B model's folder")

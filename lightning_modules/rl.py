@@ -112,6 +112,10 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         warmup_steps: rollouts of linear learning-rate warm-up from 0.
         dynamic_sampling: drop groups whose rewards are all equal and refill the batch (DAPO).
         resample_rounds: the most extra rounds of sampling that dynamic sampling runs to refill a batch.
+        max_generated_tokens: stop fitting once the rollouts have generated this many completion tokens in all
+            (every rank, every epoch, DAPO's resampling included), so variants compared at one budget have had the
+            same sampling work; None: stop at ``trainer.max_epochs``/``max_steps`` only. ``train/generated_tokens``
+            logs the running total.
         overlong_shaping: DAPO's overlong reward shaping (``eagrl.rl.rewards.overlong_penalty``).
         overlong_buffer: its buffer L_c in tokens (None: a quarter of ``rollout_sampling.max_new_tokens``).
         kl_coef: β_KL of a k3 KL penalty to the stage-1 policy (adapter disabled); 0 turns it off.
@@ -165,6 +169,7 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         eps_max: float = 0.4,
         dynamic_sampling: bool = False,
         resample_rounds: NonNegativeInt = 3,
+        max_generated_tokens: Optional[PositiveInt] = None,
         overlong_shaping: bool = False,
         overlong_buffer: Optional[PositiveInt] = None,
         kl_coef: NonNegativeFloat = 0.0,
@@ -246,6 +251,14 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         self.llm = None
         self.tokenizer = None
         self._loss = torch.compile(policy_loss, fullgraph=True, dynamic=True) if compile_loss else policy_loss
+        self.generated_tokens = 0  # completion tokens sampled so far by every rank (saved in checkpoints)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["eagrl_generated_tokens"] = self.generated_tokens  # the token budget resumes where it was
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.generated_tokens = int(checkpoint.get("eagrl_generated_tokens", 0))
 
     # --------------------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
@@ -303,8 +316,9 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
 
     @property
     def generation_info(self) -> dict[str, Any]:
-        """What ``metrics.json`` records under ``generation`` (the rollouts' batch size too)."""
-        return {**super().generation_info, "rollout_batch_size": self.hparams.rollout_batch_size}
+        """What ``metrics.json`` records under ``generation`` (the rollouts' batch size and token budget too)."""
+        budget = {"generated_tokens": self.generated_tokens, "max_generated_tokens": self.hparams.max_generated_tokens}
+        return {**super().generation_info, "rollout_batch_size": self.hparams.rollout_batch_size, "rollouts": budget}
 
     # ------------------------------------------------------------------------------------- rollout
     def rollout(self, batch: dict[str, Any]) -> Rollout:
@@ -367,7 +381,7 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         pool = self.trainer.datamodule.train_subset() if self.trainer.datamodule.hparams.train_patients else list(range(len(data)))
         tried = {int(i) for i in batch["index"]}
         generator = torch.Generator().manual_seed(zlib.crc32(f"refill:{self.global_step}:{self.global_rank}".encode()))
-        rounds = 0
+        rounds, self._refill_tokens = 0, 0
         while len(kept.prompt_ids) < wanted and rounds < self.hparams.resample_rounds:
             fresh = [pool[k] for k in torch.randperm(len(pool), generator=generator).tolist() if pool[k] not in tried]
             fresh = fresh[: wanted - len(kept.prompt_ids)]
@@ -377,6 +391,7 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
             tried.update(fresh)
             labels = [int(data.labels[i]) for i in fresh]
             extra = self._rollout(data, fresh, [data.ids[i] for i in fresh], labels)
+            self._refill_tokens += extra.n_tokens  # sampled, whether kept or not: counted against the budget
             kept = Rollout.concat([kept, extra.select_groups(keep_varied_groups(extra.rewards.view(len(fresh), group)))])
         return kept, rounds
 
@@ -391,14 +406,16 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
             [float(rollout.rewards.sum()), float(rollout.r_cls.sum()), float(rollout.r_att.sum()), float(rollout.parsed.float().sum()),
              float(rollout.n_tokens), float(len(rollout.completions)), float(n_groups)], dtype=torch.float64, device=self.device,
         )  # fmt: skip
-        rounds = 0
+        rounds, self._refill_tokens = 0, 0
         if self.hparams.dynamic_sampling:
             first_kept = int(keep_varied_groups(rollout.rewards.view(n_groups, group)).sum())
             rollout, rounds = self.refill(rollout, batch)
         else:
             first_kept = n_groups
-        sums = all_reduce(torch.cat([sums, sums.new_tensor([float(len(rollout.prompt_ids)), float(first_kept), float(rounds)])])).tolist()
-        reward, r_cls, r_att, parsed, tokens, completions, groups, kept, first, rounds_sum = sums
+        extra = [float(len(rollout.prompt_ids)), float(first_kept), float(rounds), float(self._refill_tokens)]
+        sums = all_reduce(torch.cat([sums, sums.new_tensor(extra)])).tolist()
+        reward, r_cls, r_att, parsed, tokens, completions, groups, kept, first, rounds_sum, refill_tokens = sums
+        self.generated_tokens += int(tokens + refill_tokens)  # the same on every rank (reduced sums)
         logged = {
             "reward": reward / completions, "r_cls": r_cls / completions, "r_att": r_att / completions,
             "parse_rate": parsed / completions, "completion_length": tokens / completions, "groups_kept": first / groups,
@@ -412,6 +429,11 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         logged["lr"] = self.optimizers().param_groups[0]["lr"]
         self.lr_schedulers().step()  # once per rollout
         logged["step_time"] = time.perf_counter() - start
+        logged["generated_tokens"] = self.generated_tokens
+        budget = self.hparams.max_generated_tokens
+        if budget is not None and self.generated_tokens >= budget:
+            log.info("RL: %d completion tokens generated, the budget of %d is spent: stopping", self.generated_tokens, budget)
+            self.trainer.should_stop = True
         size = len(batch["id"])
         self.log_dict({f"train/{k}": float(v) for k, v in logged.items()}, on_step=True, on_epoch=False, batch_size=size)
         self.log("train/reward_epoch", logged["reward"], on_step=False, on_epoch=True, prog_bar=True, batch_size=size)

@@ -1,4 +1,4 @@
-"""Feature catalogues for TJH and MIMIC-IV: names, units and adult normal ranges shown to the LLM.
+"""Feature catalogues for TJH, MIMIC-IV and the synthetic cohort: names, units and adult normal ranges shown to the LLM.
 
 Names are what the LLM reads and what the expert attention export lists, so they are also the
 vocabulary of the attention-alignment reward. Demographics (Sex, Age) come first in every cohort.
@@ -173,5 +173,32 @@ CAPILLARY_REFILL_TEXT = {
 
 MIMIC_FEATURES: tuple[FeatureSpec, ...] = DEMOGRAPHICS + tuple(v.spec for v in MIMIC_VARIABLES)
 
-DATASET_FEATURES = {"tjh": TJH_FEATURES, "mimic_iv": MIMIC_FEATURES}
-DATASET_TASKS = {"tjh": ("mortality",), "mimic_iv": ("mortality", "readmission")}
+# The synthetic cohort (eagrl.data.synthetic): 20 lab-like variables, the outcome a known rule over three of them.
+SYNTHETIC_FEATURES: tuple[FeatureSpec, ...] = DEMOGRAPHICS + tuple(
+    FeatureSpec(name, unit, normal)
+    for name, unit, normal in (
+        ("Lactate", "mmol/L", "0.5-2.2"),
+        ("Creatinine", "mg/dL", "0.6-1.3"),
+        ("Albumin", "g/dL", "3.5-5"),
+        ("Sodium", "mmol/L", "135-145"),
+        ("Potassium", "mmol/L", "3.5-5.1"),
+        ("Chloride", "mmol/L", "96-106"),
+        ("Bicarbonate", "mmol/L", "22-29"),
+        ("Glucose", "mg/dL", "70-110"),
+        ("Hemoglobin", "g/dL", "12-17"),
+        ("Platelets", "x10^9/L", "150-450"),
+        ("White blood cells", "x10^9/L", "4-11"),
+        ("Urea nitrogen", "mg/dL", "7-20"),
+        ("Bilirubin", "mg/dL", "0.3-1.2"),
+        ("ALT", "U/L", "7-56"),
+        ("CRP", "mg/L", "< 10"),
+        ("Troponin", "ng/L", "< 14"),
+        ("Heart rate", "beats/min", "60-100"),
+        ("Respiratory rate", "breaths/min", "12-20"),
+        ("Oxygen saturation", "%", "95-100"),
+        ("Temperature", "°C", "36.1-37.2"),
+    )
+)
+
+DATASET_FEATURES = {"tjh": TJH_FEATURES, "mimic_iv": MIMIC_FEATURES, "synthetic": SYNTHETIC_FEATURES}
+DATASET_TASKS = {"tjh": ("mortality",), "mimic_iv": ("mortality", "readmission"), "synthetic": ("mortality",)}

@@ -31,6 +31,10 @@ PERSONAS = {
         "You are an experienced clinician treating hospitalised COVID-19 patients at Tongji Hospital, Wuhan. "
         "You read a patient's laboratory results, day by day, and judge the patient's prognosis."
     ),
+    "synthetic": (  # eagrl.data.synthetic: generated patients, a known rule
+        "You are an experienced hospital physician. "
+        "You read a patient's laboratory results and vital signs, day by day, and judge the patient's prognosis."
+    ),
     "mimic_iv": (
         "You are an experienced intensive care physician. "
         "You read a patient's vital signs and bedside measurements from an ICU stay, day by day, and judge the patient's prognosis."

@@ -40,11 +40,13 @@ import yaml
 
 from eagrl.io import write_json_atomic, write_text_atomic
 
-COLUMNS = [  # (key, title, dataset folder, run-name suffix)
+COLUMNS = [  # (key, title, dataset folder, run-name suffix): the real cohorts of the main table
     ("tjh", "TJH mortality", "tjh", ""),
     ("mimic_iv_mortality", "MIMIC-IV mortality", "mimic_iv", "_mortality"),
     ("mimic_iv_readmission", "MIMIC-IV readmission", "mimic_iv", "_readmission"),
 ]
+SYNTHETIC_COLUMN = ("synthetic", "Synthetic (mechanism check)", "synthetic", "")
+ALL_COLUMNS = [SYNTHETIC_COLUMN, *COLUMNS]
 MAIN = [  # (row, run name)
     ("ConCare", "concare"),
     ("ConCare, observation window", "concare_window"),
@@ -207,11 +209,115 @@ def collect(runs: Path) -> dict[str, Any]:
 
     main = {row: {key: cell(runs / folder / f"{name}{suffix}") for key, _, folder, suffix in COLUMNS} for row, name in MAIN}
     ablation = {row: cell(runs / "tjh" / name) for row, name in ABLATIONS}
+    subset = _ablation_subset(runs)
+    if subset:  # the main-table runs answered every test patient: scored again on the ablations' subset
+        for row, name in ABLATIONS:
+            found = _cell_on(runs / "tjh" / name, subset)
+            if found is not None and (ablation[row] or {}).get("patients") != len(subset):
+                ablation[row] = found
     robustness = {
         row: {str(p): cell(runs / "tjh" / (name if p == 0 else f"robust/{name}_{p}")) for p in SHUFFLED} for row, name in ROBUST_METHODS
     }
     cross = {row: cell(runs / "cross" / name) for row, name in CROSS}
-    return {"main": main, "ablation": ablation, "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs)}
+    return {
+        "main": main, "ablation": ablation, "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs),
+        "synthetic": synthetic_check(runs), "stage1": {key: stage1_summary(runs / folder / f"distill{suffix}") for key, _, folder, suffix in ALL_COLUMNS},
+    }  # fmt: skip
+
+
+def _ablation_subset(runs: Path) -> Optional[list[str]]:
+    """The test patients the TJH ablation runs answered (one fixed subset), or None when they answered none."""
+    for _, name in ABLATIONS:
+        found = predictions_by_id(runs / "tjh" / name)
+        if found and name not in ("rl", "sft"):
+            return sorted(found)
+    return None
+
+
+def _cell_on(run: Path, ids: list[str], n_bootstrap: int = 100) -> Optional[dict[str, Any]]:
+    """A run's test metrics recomputed on the patients ``ids`` (mean, std and percentile interval over
+    ``n_bootstrap`` resamples, as in ``metrics.json``), or None when the run answered none of them."""
+    import torch
+
+    from eagrl.evaluation.metrics import bootstrap_metrics
+
+    found = predictions_by_id(run)
+    if not found or not all(i in found for i in ids):
+        return None
+    probs = torch.tensor([found[i][0] for i in ids], dtype=torch.float)
+    labels = torch.tensor([found[i][1] for i in ids])
+    m = bootstrap_metrics(probs, labels, n_bootstrap)
+    pick = lambda k: None if not math.isfinite(m.get(k, float("nan"))) else m[k]  # noqa: E731
+    cell = Cell(source=f"{run / 'generations.jsonl'} (on the ablation subset)", auroc=pick("auroc"), auroc_std=pick("auroc_std"),
+                auprc=pick("auprc"), auprc_std=pick("auprc_std"), patients=len(ids))  # fmt: skip
+    if pick("auroc_ci_low") is not None:
+        cell.auroc_ci, cell.auprc_ci = [m["auroc_ci_low"], m["auroc_ci_high"]], [m["auprc_ci_low"], m["auprc_ci_high"]]
+    return cell.__dict__
+
+
+def stage1_summary(run: Path) -> Optional[dict[str, Any]]:
+    """Aggregates of a distillation run (``trajectories.jsonl`` and its ``.done`` list): patients searched, patients
+    with a kept trajectory, kept trajectories, the share of those with R_att > 0 and their mean R_att. Counts only."""
+    path = run / "trajectories.jsonl"
+    if not path.is_file():
+        return None
+    rows = _jsonl(path)
+    done = run / "trajectories.jsonl.done"
+    searched = sum(1 for line in done.read_text().splitlines() if line.strip()) if done.is_file() else None
+    aligned = [r for r in rows if float(r.get("r_att") or 0.0) > 0]
+    return {
+        "patients_searched": searched,
+        "patients_kept": len({r["id"] for r in rows}),
+        "trajectories_kept": len(rows),
+        "share_r_att_positive": len(aligned) / len(rows) if rows else None,
+        "mean_r_att": sum(float(r.get("r_att") or 0.0) for r in rows) / len(rows) if rows else None,
+        "share_correct": sum((r["y_hat"] >= 0.5) == (int(r["label"]) == 1) for r in rows if r.get("y_hat") is not None) / len(rows) if rows else None,
+    }
+
+
+SYNTHETIC_ROWS = [("ConCare", "concare"), ("Question Decomposition", "prompting_decomposition"), ("SFT", "sft"), ("GRPO", "rl_grpo"), ("EAG-RL", "rl")]
+SYNTHETIC_PAIRS = [("EAG-RL", "GRPO"), ("EAG-RL", "Question Decomposition"), ("SFT", "Question Decomposition")]
+
+
+def synthetic_check(runs: Path) -> Optional[dict[str, Any]]:
+    """The mechanism check on the synthetic cohort: per main method its test metrics, strict parse rate and R_att; the
+    expert's attention on the outcome rule's variables; paired differences (EAG-RL against GRPO and the base model)."""
+    import torch
+
+    from eagrl.data.synthetic import RULE_FEATURES
+    from eagrl.evaluation.metrics import paired_difference
+
+    root = runs / "synthetic"
+    if not root.is_dir():
+        return None
+    rows = {row: (lambda c: None if c is None else c.__dict__)(read_cell(root / name)) for row, name in SYNTHETIC_ROWS}
+    expert = None
+    if (root / "concare" / "expert_attention.jsonl").is_file():
+        records = _jsonl(root / "concare" / "expert_attention.jsonl")
+        positives = [r for r in records if int(r["label"]) == 1]
+        weight = lambda r: sum(w for f, w in r["features"] if f in RULE_FEATURES)  # noqa: E731
+        expert = {
+            "rule_features": list(RULE_FEATURES),
+            "attention_on_rule_positives": sum(weight(r) for r in positives) / max(len(positives), 1),
+            "attention_on_rule_negatives": sum(weight(r) for r in records if int(r["label"]) == 0) / max(len(records) - len(positives), 1),
+            "top_k_slots_on_rule": sum(f in RULE_FEATURES for r in records for f in r["top_k"]) / max(sum(len(r["top_k"]) for r in records), 1),
+        }
+    names = dict(SYNTHETIC_ROWS)
+    paired = {}
+    for a, b in SYNTHETIC_PAIRS:
+        found_a, found_b = predictions_by_id(root / names[a]), predictions_by_id(root / names[b])
+        if not found_a or not found_b:
+            paired[f"{a} − {b}"] = None
+            continue
+        shared = sorted(set(found_a) & set(found_b))
+        labels = torch.tensor([found_a[i][1] for i in shared])
+        if len(shared) < 2 or labels.min() == labels.max():
+            paired[f"{a} − {b}"] = {"patients": len(shared)}
+            continue
+        pa = torch.tensor([found_a[i][0] for i in shared], dtype=torch.float)
+        pb = torch.tensor([found_b[i][0] for i in shared], dtype=torch.float)
+        paired[f"{a} − {b}"] = {"patients": len(shared), **paired_difference(pa, pb, labels, PAIRED_RESAMPLES, 0)}
+    return {"rows": rows, "expert": expert, "paired": paired}
 
 
 def _run_facts(runs: Path) -> dict[str, Any]:
@@ -259,6 +365,7 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
               "then [2.5th, 97.5th percentile] of the same resamples, a 95% interval (n: how many patients; ConCare: the whole "
               "test split). — : not run; n/a: undefined (one outcome among the patients).", ""]  # fmt: skip
 
+    lines += _synthetic_markdown(results.get("synthetic"), fmt)
     lines += ["## Main table", ""]
     header = "| method | " + " | ".join(f"{title} AUROC | {title} AUPRC | n" for _, title, _, _ in COLUMNS) + " |"
     lines += [header, "|---" * (1 + 3 * len(COLUMNS)) + "|"]
@@ -306,7 +413,23 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines.append("")
 
-    lines += ["", "## Ablations (TJH mortality)", "", "| variant | AUROC | AUPRC | n |", "|---|---|---|---|"]
+    lines += ["## Stage 1: the distilled trajectories", "",
+              "Per dataset: patients searched (train and val), patients with a kept trajectory, kept trajectories, the share of "
+              "those with R_att > 0 (they name at least one of the expert's features), their mean R_att, and the share on the "
+              "right side of 0.5.", "",
+              "| dataset | searched | patients kept | trajectories | R_att > 0 | mean R_att | right side |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    pct = lambda v: "—" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    for key, title, *_ in ALL_COLUMNS:
+        st = results.get("stage1", {}).get(key)
+        if st is None:
+            lines.append(f"| {title} | — | — | — | — | — | — |")
+            continue
+        mean = "—" if st["mean_r_att"] is None else f"{st['mean_r_att']:.2f}"
+        lines.append(f"| {title} | {st['patients_searched'] if st['patients_searched'] is not None else '?'} | {st['patients_kept']} | "
+                     f"{st['trajectories_kept']} | {pct(st['share_r_att_positive'])} | {mean} | {pct(st['share_correct'])} |")  # fmt: skip
+    lines += ["", "## Ablations (TJH mortality)", "",
+              "Every row on the same test patients: the ablation runs' fixed balanced subset (the full EAG-RL and SFT rows are "
+              "their main-table runs scored again on it).", "", "| variant | AUROC | AUPRC | n |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {row} | " + " | ".join(fmt(results["ablation"][row])) + " |" for row, _ in ABLATIONS]
 
     lines += ["", "## Robustness: shuffled feature order at test time (TJH mortality)", ""]
@@ -323,6 +446,38 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _synthetic_markdown(check: Optional[dict[str, Any]], fmt) -> list[str]:
+    """The mechanism-check section (``synthetic_check``), or nothing when the synthetic runs are absent."""
+    if not check:
+        return []
+    lines = ["## Mechanism check: the synthetic cohort", "",
+             "Generated patients whose outcome follows a known rule over Lactate, Creatinine and Albumin "
+             "(`eagrl.data.synthetic`). If the pipeline learns, the expert attends to those three, EAG-RL learns to name them "
+             "(R_att rises) and predicts better than GRPO, which is not told about them.", ""]  # fmt: skip
+    expert = check.get("expert")
+    if expert:
+        lines += [f"Expert (ConCare) attention on the rule's variables: {100 * expert['attention_on_rule_positives']:.0f}% of the weight "
+                  f"for positive patients, {100 * expert['attention_on_rule_negatives']:.0f}% for negative ones; "
+                  f"{100 * expert['top_k_slots_on_rule']:.0f}% of all top-k slots.", ""]  # fmt: skip
+    lines += ["| method | AUROC | AUPRC | n | strict parse | R_att |", "|---|---|---|---|---|---|"]
+    for row, _ in SYNTHETIC_ROWS:
+        c = check["rows"].get(row)
+        rate = None if c is None else c.get("strict_parse_rate")
+        r_att = None if c is None else c.get("r_att")
+        extra = f"{'—' if rate is None else f'{100 * rate:.0f}%'} | {'—' if r_att is None else f'{100 * r_att:.1f}'}"
+        lines.append(f"| {row} | " + " | ".join(fmt(c)) + f" | {extra} |")
+    lines += ["", "| a − b | ΔAUROC | ΔAUPRC | n |", "|---|---|---|---|"]
+    for pair, d in check["paired"].items():
+        if d is None:
+            lines.append(f"| {pair} | — | — | — |")
+        elif "delta_auroc" not in d:
+            lines.append(f"| {pair} | n/a | n/a | {d['patients']} |")
+        else:
+            one = lambda m: f"{100 * d[f'delta_{m}']:+.1f} [{100 * d[f'delta_{m}_ci_low']:+.1f}, {100 * d[f'delta_{m}_ci_high']:+.1f}]"  # noqa: E731
+            lines.append(f"| {pair} | {one('auroc')} | {one('auprc')} | {d['patients']} |")
+    return lines + [""]
+
+
 # ------------------------------------------------------------------------------------------ plots
 def _plot_curves(runs: Path, out: Path) -> list[str]:
     import matplotlib
@@ -333,7 +488,7 @@ def _plot_curves(runs: Path, out: Path) -> list[str]:
     from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
     written = []
-    for key, title, folder, suffix in COLUMNS:
+    for key, title, folder, suffix in ALL_COLUMNS:
         curves = []
         for row, name in MAIN:
             found = predictions(runs / folder / f"{name}{suffix}")
@@ -417,24 +572,38 @@ def _metrics_csv(run: Path) -> list[dict[str, str]]:
         return [r for r in csv.DictReader(handle) if r.get("train/reward")]
 
 
+RL_PANELS = [  # (metrics.csv column, title); ε(τ) is drawn with the spread of its trajectories (eps_high_min..max)
+    ("train/reward", "reward"), ("train/r_cls", "R_cls"), ("train/r_att", "R_att"), ("train/parse_rate", "strict parse rate"),
+    ("train/key_entropy", "key-token entropy"), ("train/eps_high", "ε(τ) (upper clip), min-max shaded"),
+    ("train/clip_high", "clipped high (fraction)"), ("train/clip_low", "clipped low (fraction)"),
+]  # fmt: skip
+
+
 def _plot_rl(runs: Path, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
-    panels = [("train/reward", "reward"), ("train/entropy", "entropy"), ("train/clip_high", "clipped high"), ("train/clip_low", "clipped low")]
     written = []
-    for key, title, folder, suffix in COLUMNS:
+    for key, title, folder, suffix in ALL_COLUMNS:
         series = [(row, _metrics_csv(runs / folder / f"{name}{suffix}")) for row, name in RL_VARIANTS]
         series = [(row, rows) for row, rows in series if rows]
         if not series:
             continue
-        figure, axes = plt.subplots(1, len(panels), figsize=(16, 3.6))
-        for axis, (column, label) in zip(axes, panels):
+        figure, axes = plt.subplots(2, 4, figsize=(18, 7))
+        for axis, (column, label) in zip(axes.flat, RL_PANELS):
             for row, rows in series:
-                points = [(int(r["step"]), float(r[column])) for r in rows if r.get(column)]
-                if points:
-                    axis.plot(*zip(*points), label=row)
-            axis.set(xlabel="step", title=f"{label}, {title}")
-        axes[0].legend(fontsize=7)
+                points = [(k, float(r[column])) for k, r in enumerate(rows) if r.get(column) not in (None, "", "nan")]
+                if not points:
+                    continue
+                (line,) = axis.plot(*zip(*points), label=row, linewidth=1)
+                if column == "train/eps_high":
+                    spread = [(k, float(r["train/eps_high_min"]), float(r["train/eps_high_max"])) for k, r in enumerate(rows)
+                              if r.get("train/eps_high_min") not in (None, "", "nan") and r.get("train/eps_high_max") not in (None, "", "nan")]  # fmt: skip
+                    if spread:
+                        xs, lows, highs = zip(*spread)
+                        axis.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2)
+            axis.set(xlabel="rollout", title=label)
+        axes.flat[0].legend(fontsize=7)
+        figure.suptitle(f"RL training curves, {title}")
         figure.tight_layout()
         written.append(_save(figure, out / f"rl_curves_{key}.png"))
     return written

@@ -45,8 +45,10 @@ def test_whole_pipeline_with_a_tiny_model(tmp_path, session_cache, monkeypatch, 
         assert f"{title} AUROC" in text
     numbers = set(re.findall(r"\d+\.\d\d ± \d+\.\d\d", text))
     assert numbers  # the figures are read from this run's metrics files (checked cell by cell above)
-    for plot in ("roc_pr_tjh.png", "robustness.png", "cross_dataset.png", "rl_curves_tjh.png"):
+    for plot in ("roc_pr_tjh.png", "robustness.png", "cross_dataset.png", "rl_curves_tjh.png", "rl_curves_synthetic.png"):
         assert (results / plot).is_file(), plot
+    assert "## Mechanism check: the synthetic cohort" in text and report["synthetic"]["expert"] is not None
+    assert report["stage1"]["tjh"]["patients_searched"] >= 1
 
     capsys.readouterr()
     main(["--profile", "smoke", "--runs", str(runs), "--results", str(results), "--in-process"])
@@ -70,13 +72,34 @@ def test_paper_profile_without_a_gpu_or_model_stops_before_any_work(tmp_path):
     assert not any(Path(tmp_path).iterdir())
 
 
-@pytest.mark.parametrize("profile", ["cpu", "smoke"])
+@pytest.mark.parametrize("profile", ["cpu", "quick", "smoke"])
 def test_every_stage_command_of_the_plan_parses(profile, tmp_path, capsys, monkeypatch):
+    import yaml
+
     from eagrl.cli import main as cli
 
     monkeypatch.setattr("sys.argv", ["python -m eagrl"])
+    configs = {}
     for stage in Plan(profile, tmp_path).stages:
         with pytest.raises(SystemExit) as stop:
             cli([*stage.args, "--print_config"])
-        err = capsys.readouterr().err
-        assert not stop.value.code, (stage.name, err[-1500:])
+        captured = capsys.readouterr()
+        assert not stop.value.code, (stage.name, captured.err[-1500:])
+        configs[stage.name] = yaml.safe_load(captured.out)
+    if profile != "cpu":
+        return
+    # PROFILE=cpu: the sizes that let the table tell the methods apart
+    data = lambda name: configs[name]["data"]["init_args"]  # noqa: E731
+    main_llm = [n for n in configs if n.startswith("tjh/") and n.split("/")[1] in {"prompting_vanilla", "prompting_think", "prompting_decomposition", "sft", "rl_grpo", "rl_dapo", "rl"}]
+    assert len(main_llm) == 7 and all(data(n)["eval_patients"] is None for n in main_llm)  # the whole TJH test split
+    subset = [n for n in configs if n.startswith(("tjh/robust/", "cross/")) or n in ("tjh/rl_no_att", "tjh/rl_no_entropy", "tjh/rl_no_stage1")]
+    assert len(subset) == 14 and {data(n)["eval_patients"] for n in subset} == {100}  # one fixed balanced subset
+    rl = [n for n in configs if configs[n]["model"]["class_path"].endswith("RLModule")]
+    assert {configs[n]["model"]["init_args"]["max_generated_tokens"] for n in rl} == {24000}  # one budget for every variant
+    assert all(configs[n]["model"]["init_args"]["mini_batch_size"] < data(n)["batch_size"] * configs[n]["model"]["init_args"]["group_size"] for n in rl)
+    distill = configs["tjh/distill"]
+    assert distill["trainer"]["limit_predict_batches"] == 1.0 and data("tjh/distill")["predict_splits"] == ["train", "val"]
+    assert distill["model"]["init_args"]["selection"]["min_alignment"] > 0
+    assert configs["tjh/sft"]["trainer"]["limit_train_batches"] == 1.0 and configs["tjh/sft"]["trainer"]["max_epochs"] >= 1
+    assert [n for n in configs if n.startswith("synthetic/")] == [f"synthetic/{s}" for s in ("concare", "prompting_decomposition", "distill", "sft", "rl_grpo", "rl")]
+    assert all(data(n)["dataset"] == "synthetic" for n in configs if n.startswith("synthetic/"))

@@ -44,13 +44,26 @@ def test_rl_fit_then_resume(tmp_path, tjh_expert, session_cache):
     assert all("lora" in k for k in checkpoint["state_dict"])  # the trainable weights only
     steps = [s["step"] for s in checkpoint["optimizer_states"][0]["state"].values()]
     assert steps and all(int(s) == 4 for s in steps)  # 2 rollouts x 2 mini-batch steps
+    spent = metrics["train/generated_tokens"]  # the running total of completion tokens, saved with the checkpoint
+    assert spent == metrics["generation"]["rollouts"]["generated_tokens"] == checkpoint["eagrl_generated_tokens"] > 0
 
     resumed = _fit(tmp_path, tjh_expert, session_cache, "--ckpt_path", str(tmp_path / "checkpoints/last.ckpt"), "--trainer.max_epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 8 and checkpoint["epoch"] == 1
+    assert checkpoint["eagrl_generated_tokens"] > spent  # the running total carried on from the checkpoint
     steps = [s["step"] for s in checkpoint["optimizer_states"][0]["state"].values()]
     assert all(int(s) == 8 for s in steps)  # AdamW's state carried on, not restarted
+
+
+@pytest.mark.slow
+def test_the_token_budget_ends_the_fit(tmp_path, tjh_expert, session_cache):
+    """2 epochs are 4 rollouts (8 optimiser steps); a budget of 1 generated token ends the fit after the first rollout."""
+    quick = ["--model.init_args.test_after_fit", "false", "--model.init_args.save_merged", "false", "--trainer.max_epochs", "2"]
+    result = _fit(tmp_path, tjh_expert, session_cache, *quick, "--model.init_args.max_generated_tokens", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2 and checkpoint["eagrl_generated_tokens"] >= 1
 
 
 @pytest.mark.parametrize("config", RL_CONFIGS)

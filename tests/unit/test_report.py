@@ -80,3 +80,52 @@ def test_report_has_every_cell_and_reads_each_from_its_run(tmp_path):
     for plot in ("roc_pr_tjh.png", "robustness.png", "cross_dataset.png", "rl_curves_tjh.png"):
         assert (tmp_path / "results" / plot).stat().st_size > 1000, plot
     assert json.loads((tmp_path / "results" / "results.json").read_text())["main"]["EAG-RL"]["tjh"]["patients"] == 8
+
+
+def test_ablation_rows_share_the_subset_and_the_stage1_and_synthetic_sections(tmp_path):
+    """The full EAG-RL row of the ablation table is scored again on the ablations' subset; the stage-1 table counts the
+    kept trajectories with R_att > 0; the synthetic section reads the expert's attention on the rule's variables and
+    pairs EAG-RL with GRPO on the same patients."""
+    from eagrl.evaluation.metrics import bootstrap_metrics
+
+    runs = tmp_path / "runs"
+    _run(runs / "tjh" / "rl", 1)  # 8 test patients s0..s7
+    subset = ["s1", "s2", "s5", "s6"]
+    (runs / "tjh" / "rl_no_att").mkdir(parents=True)
+    (runs / "tjh" / "rl_no_att" / "metrics.json").write_text(json.dumps({"test/auroc": 0.5, "test/samples": 4.0}))
+    rows = [{"id": i, "split": "test", "label": int(i[1]) % 2, "y_hat": 0.3} for i in subset]
+    (runs / "tjh" / "rl_no_att" / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    distill = runs / "tjh" / "distill"
+    distill.mkdir(parents=True)
+    kept = [{"id": "a", "label": 1, "y_hat": 0.8, "r_att": 0.0}, {"id": "b", "label": 0, "y_hat": 0.8, "r_att": 0.2},
+            {"id": "c", "label": 0, "y_hat": 0.1, "r_att": 0.5}]  # fmt: skip
+    (distill / "trajectories.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    (distill / "trajectories.jsonl.done").write_text("a\nb\nc\nd\ne\n")
+    synthetic = runs / "synthetic"
+    _run(synthetic / "rl", 2)
+    _run(synthetic / "rl_grpo", 3)
+    (synthetic / "concare").mkdir(parents=True)
+    expert = [{"id": "x", "split": "test", "label": 1, "prob": 0.9, "top_k": ["Lactate", "Sodium"],
+               "features": [["Lactate", 0.5], ["Creatinine", 0.2], ["Sodium", 0.3]]},
+              {"id": "y", "split": "test", "label": 0, "prob": 0.1, "top_k": ["Sodium", "ALT"],
+               "features": [["Sodium", 0.9], ["Albumin", 0.1]]}]  # fmt: skip
+    (synthetic / "concare" / "expert_attention.jsonl").write_text("".join(json.dumps(r) + "\n" for r in expert))
+
+    results = build(runs, tmp_path / "results")
+    full = results["ablation"]["EAG-RL (full)"]
+    ys = {r["id"]: r for r in map(json.loads, (runs / "tjh" / "rl" / "generations.jsonl").read_text().splitlines())}
+    direct = bootstrap_metrics(torch.tensor([ys[i]["y_hat"] for i in subset]), torch.tensor([ys[i]["label"] for i in subset]), 100)
+    assert full["patients"] == 4 and full["auroc"] == pytest.approx(direct["auroc"]) and full["auroc_std"] == pytest.approx(direct["auroc_std"])
+    assert results["main"]["EAG-RL"]["tjh"]["patients"] == 8  # the main table keeps the whole test split
+    stage1 = results["stage1"]["tjh"]
+    assert stage1["patients_searched"] == 5 and stage1["trajectories_kept"] == 3
+    assert stage1["share_r_att_positive"] == pytest.approx(2 / 3) and stage1["share_correct"] == pytest.approx(2 / 3)
+    check = results["synthetic"]
+    assert check["expert"]["attention_on_rule_positives"] == pytest.approx(0.7) and check["expert"]["attention_on_rule_negatives"] == pytest.approx(0.1)
+    assert check["expert"]["top_k_slots_on_rule"] == pytest.approx(0.25)
+    (ya, labels), (yb, _) = predictions(synthetic / "rl"), predictions(synthetic / "rl_grpo")
+    direct = paired_difference(torch.tensor(ya), torch.tensor(yb), torch.tensor(labels), PAIRED_RESAMPLES)
+    assert check["paired"]["EAG-RL − GRPO"] == pytest.approx({"patients": 8, **direct})
+    text = (tmp_path / "results" / "results.md").read_text()
+    assert "## Mechanism check: the synthetic cohort" in text and "| TJH mortality | 5 | 3 | 3 | 67% |" in text
+    assert "rl_curves_synthetic.png" in results["plots"]

@@ -232,6 +232,7 @@ def test_dynamic_sampling_refills_the_batch(monkeypatch):
     kept, rounds = module.refill(first, batch)
     assert len(kept.prompt_ids) == 2 and rounds >= 1 and [0] not in kept.prompt_ids
     assert all(p not in (0, 1) for extra in calls[1:] for p in extra)  # never a patient already tried
+    assert module._refill_tokens == sum(2 * len(extra) for extra in calls[1:])  # resampled tokens count against the budget
 
 
 def test_init_adapter_is_merged_so_the_kl_reference_is_the_stage1_policy(tmp_path):

@@ -1,0 +1,80 @@
+"""The synthetic cohort (``dataset: synthetic``): seeded, the real cohorts' schema, an outcome that follows its rule,
+short prompts, and an expert that attends to the rule's variables."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from eagrl.data.features import SYNTHETIC_FEATURES
+from eagrl.data.synthetic import LAB_NAMES, RULE_FEATURES, load_synthetic, rule_logit
+from eagrl.errors import EAGRLInputError
+from tests.conftest import run_cli
+
+
+def _auroc(score: np.ndarray, labels: np.ndarray) -> float:
+    return float(binary_auroc(torch.tensor(score, dtype=torch.float), torch.tensor(labels).long()))
+
+
+def test_the_generator_is_seeded_and_has_the_cohort_schema():
+    a, b, c = load_synthetic(200, seed=3), load_synthetic(200, seed=3), load_synthetic(200, seed=4)
+    assert np.array_equal(a.values, b.values, equal_nan=True) and np.array_equal(a.labels["mortality"], b.labels["mortality"])
+    assert not np.array_equal(a.values, c.values, equal_nan=True)
+    assert a.features == SYNTHETIC_FEATURES and a.feature_names[:2] == ["Sex", "Age"] and len(LAB_NAMES) == 20
+    visits = np.diff(a.offsets)
+    assert visits.min() >= 2 and visits.max() <= 4 and a.values.shape == (visits.sum(), 22)
+    last = a.values[a.offsets[1:] - 1]  # [N, F]
+    rule = [a.feature_names.index(name) for name in RULE_FEATURES]
+    assert not np.isnan(last[:, rule]).any()  # the rule is computable from what the text shows
+    assert np.isnan(a.values[:, 2:]).mean() == pytest.approx(0.1, abs=0.03)  # the rest is sometimes unmeasured
+
+
+def test_the_outcome_follows_the_rule_and_nothing_else():
+    cohort = load_synthetic()
+    labels = cohort.labels["mortality"]
+    last = cohort.values[cohort.offsets[1:] - 1]  # [N, F]
+    column = {name: last[:, cohort.feature_names.index(name)] for name in cohort.feature_names}
+    assert 0.2 < labels.mean() < 0.45
+    assert _auroc(rule_logit({name: column[name] for name in RULE_FEATURES}), labels) > 0.9
+    for name in RULE_FEATURES:  # each rule variable alone is informative (albumin: low is bad)
+        sign = -1.0 if name == "Albumin" else 1.0
+        assert _auroc(sign * column[name], labels) > 0.6, name
+    for name in set(LAB_NAMES) - set(RULE_FEATURES):  # the others are noise (NaN: a missing value ranks low)
+        assert abs(_auroc(np.nan_to_num(column[name], nan=-1e9), labels) - 0.5) < 0.12, name
+
+
+def test_the_datamodule_serves_it_with_short_text(tmp_path):
+    from datamodules import EHRDataModule
+    from eagrl.models.backbone import embedded_tokenizer
+
+    dm = EHRDataModule(dataset="synthetic", cache_dir=str(tmp_path), text_style="compact", max_visits=1, progress=False)
+    dm.setup()
+    sizes = {split: len(dm.datasets[split]) for split in ("train", "val", "test")}
+    assert sizes == {"train": 350, "val": 50, "test": 100}
+    assert "synthetic_patients" in json.loads(next(tmp_path.glob("datasets/synthetic/*/manifest.json")).read_text())["options"]
+    text = dm.datasets["test"].text(0)
+    assert "Lactate" in text and "Albumin" in text
+    tokenizer = embedded_tokenizer()
+    lengths = [len(tokenizer(dm.datasets["test"].text(i))["input_ids"]) for i in range(40)]
+    assert np.median(lengths) <= 200  # the patient's text; the decomposition prompt adds ~206 tokens of instructions
+    with pytest.raises(EAGRLInputError, match="observation window"):
+        EHRDataModule(dataset="synthetic", observation_days=2)
+
+
+@pytest.mark.slow
+def test_concare_attends_to_the_rule_variables(tmp_path, session_cache):
+    """The expert trained on the synthetic cohort puts most of its attention on the rule's variables for the patients
+    who die (for survivors nothing is abnormal in the rule, and its attention has no reason to go there)."""
+    from eagrl.evaluation.report import synthetic_check
+
+    run = tmp_path / "synthetic" / "concare"
+    result = run_cli("fit", "--config", "configs/tjh/concare.yaml", "--config", "configs/synthetic/cohort.yaml",
+                     "--trainer.default_root_dir", str(run), cache=session_cache)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["test/auroc"] > 0.85
+    expert = synthetic_check(tmp_path)["expert"]
+    assert expert["attention_on_rule_positives"] > 0.6
