@@ -39,6 +39,7 @@ summaries: install  ## print the cohort summary of every shipped dataset/task
 	$(PY) -m eagrl summary --config configs/mimic_iv/readmission_data.yaml | tee results/summary_mimic_iv_readmission.json
 	$(PY) -m eagrl summary --config configs/tjh/data.yaml --config configs/windows/tjh_2days.yaml | tee results/summary_tjh_window.json
 	$(PY) -m eagrl summary --config configs/mimic_iv/mortality_data.yaml --config configs/windows/mimic_iv_48h.yaml | tee results/summary_mimic_iv_mortality_48h.json
+	$(PY) -m eagrl summary --config configs/tjh/data.yaml --config configs/synthetic/cohort.yaml | tee results/summary_synthetic.json
 
 # The expert: ConCare per dataset/task (about 1 min each on 2 CPU cores). Each run directory holds
 # config.yaml, metrics.json, checkpoints/ and expert_attention.jsonl (the expert signal of stages 1-2).
@@ -58,8 +59,9 @@ concare: $(RUNS)/tjh/concare/expert_attention.jsonl $(RUNS)/mimic_iv/concare_mor
 # (configs/reproduce/); PROFILE=quick: a first look at a few patients (configs/reproduce/quick/);
 # PROFILE=paper MODEL=/path/to/7B: a GPU.
 MODEL ?=
-reproduce: install summaries  ## run the whole pipeline (PROFILE=cpu|quick|paper, MODEL=... for paper; RUNS=runs)
-	$(PY) -m eagrl.pipeline --profile $(PROFILE) --runs $(RUNS) --results results $(if $(MODEL),--model $(MODEL))
+SEEDS ?=
+reproduce: install summaries  ## run the whole pipeline (PROFILE=cpu|quick|paper, MODEL=... for paper; RUNS=runs; SEEDS="0 1")
+	$(PY) -m eagrl.pipeline --profile $(PROFILE) --runs $(RUNS) --results results $(if $(MODEL),--model $(MODEL)) $(if $(SEEDS),--seeds $(SEEDS))
 
 bench: install  ## preprocessing speed and memory benchmark
 	$(PY) benchmarks/preprocessing.py

@@ -155,6 +155,9 @@ class EHRDataModule(L.LightningDataModule):
             days of ``outtime``, or death from ``intime`` to 30 days after ``outtime``) or ``hospital`` (next
             admission within 30 days of ``dischtime``; stays of in-hospital deaths excluded).
         batch_size: samples per batch.
+        eval_batch_size: samples per test batch (the LLMs answer a test batch in one ``generate`` call); None:
+            ``batch_size``. RL trains on small batches (patients per rollout) but answers the test split faster in
+            larger ones; the answers do not depend on it (greedy decoding, each prompt prefilled alone).
         num_workers: DataLoader worker processes.
         text_style: the LLM's patient text: ``paper`` (every feature's value at every visit, the paper's format)
             or ``compact`` (per measured variable its last value with an H/L flag, min-max and trend; variables
@@ -191,6 +194,7 @@ class EHRDataModule(L.LightningDataModule):
         synthetic_patients: PositiveInt = 500,
         synthetic_seed: int = 0,
         batch_size: PositiveInt = 64,
+        eval_batch_size: Optional[PositiveInt] = None,
         num_workers: NonNegativeInt = 0,
         text_style: Literal["paper", "compact"] = "paper",
         max_visits: Optional[PositiveInt] = None,
@@ -348,12 +352,12 @@ class EHRDataModule(L.LightningDataModule):
             self.datasets[split] = EHRDataset(self.cohort, split, self.task, self.text_options)
 
     # ------------------------------------------------------------------------------------ loaders
-    def _loader(self, split: str, shuffle: bool, size: Optional[int] = None) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, size: Optional[int] = None, batch_size: Optional[int] = None) -> DataLoader:
         """The loader of ``split``; with ``size``, of its balanced seeded subset of that many patients."""
         if split not in self.datasets:
             self.setup()
         data = self.datasets[split] if size is None else Subset(self.datasets[split], self.subset(split, size))
-        return make_loader(data, self.batch_size, shuffle, collate_samples, self.num_workers, self._current_epoch)
+        return make_loader(data, batch_size or self.batch_size, shuffle, collate_samples, self.num_workers, self._current_epoch)
 
     def _current_epoch(self) -> int | None:
         return self.trainer.current_epoch if self.trainer is not None else None
@@ -384,7 +388,7 @@ class EHRDataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, size=self.hparams.eval_patients)
+        return self._loader("test", shuffle=False, size=self.hparams.eval_patients, batch_size=self.hparams.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         trainer = self.trainer

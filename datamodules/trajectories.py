@@ -103,4 +103,4 @@ class TrajectoryDataModule(EHRDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per ``eval_splits`` split; ``eval_patients`` (a balanced seeded subset) applies to each."""
-        return [self._loader(s, shuffle=False, size=self.hparams.eval_patients) for s in self.hparams.eval_splits]
+        return [self._loader(s, shuffle=False, size=self.hparams.eval_patients, batch_size=self.hparams.eval_batch_size) for s in self.hparams.eval_splits]

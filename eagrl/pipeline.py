@@ -26,7 +26,7 @@ study (the MIMIC-IV mortality models tested on TJH: ``cross/<method>``), and fin
 
 Profiles:
 - ``cpu`` (the default): SmolLM2-135M with the sizes of ``configs/reproduce/<stage>.yaml``: every LLM method of the
-  main table on every test patient, stage 1 over every train and val patient (synthetic: 64 per split), SFT for an
+  main table on every test patient, stage 1 over every train and val patient (synthetic: 24 per split), SFT for an
   epoch over every kept trajectory, each RL variant to the same budget of generated tokens; the ablation, robustness
   and cross-dataset runs on one fixed balanced subset of 100 TJH test patients.
 - ``quick``: a first look with the small sizes of ``configs/reproduce/quick/`` (6 test patients, 2 RL steps).
@@ -61,7 +61,8 @@ ABLATIONS = {"rl_no_att": "configs/rl/no_attention_reward.yaml", "rl_no_entropy"
 SHUFFLED = [20, 40, 60, 100]
 SYNTHETIC_STAGES = {"concare", "prompting_decomposition", "distill", "sft", "rl_grpo", "rl"}
 SUBSET = 100  # PROFILE=cpu: the fixed balanced subset of TJH test patients of the ablation, robustness and cross-dataset runs
-SYNTHETIC_DISTILL_BATCHES = 8  # PROFILE=cpu: stage 1 on 8 batches of 8 synthetic patients per split (a mechanism check)
+SYNTHETIC_DISTILL_BATCHES = 3  # PROFILE=cpu: stage 1 on 3 batches of 8 synthetic patients per split (a mechanism check)
+SYNTHETIC_TOKEN_BUDGET = 12000  # PROFILE=cpu: the synthetic RL variants' shared budget of generated tokens (TJH/MIMIC: the config's)
 
 
 @dataclass
@@ -84,8 +85,8 @@ class Stage:
 class Plan:
     """The ordered stages of a profile (see the module docstring)."""
 
-    def __init__(self, profile: str, runs: Path, model: Optional[str] = None):
-        self.profile, self.runs, self.model = profile, runs, model
+    def __init__(self, profile: str, runs: Path, model: Optional[str] = None, seeds: tuple[int, ...] = (0,)):
+        self.profile, self.runs, self.model, self.seeds = profile, runs, model, seeds
         self.stages: list[Stage] = []
         self.producer: dict[Path, str] = {}
         for key, folder, task, suffix in DATASETS:
@@ -174,14 +175,18 @@ class Plan:
         )  # fmt: skip
         for name, overlay in RL_VARIANTS.items():
             if wanted(name):
-                self._rl(key, folder, suffix, task_args, name, overlay, str(merged), [merged / "config.json"], expert)
+                budget = ["--model.init_args.max_generated_tokens", str(SYNTHETIC_TOKEN_BUDGET)] if synthetic and self.profile == "cpu" else []
+                self._rl(key, folder, suffix, task_args, name, overlay, str(merged), [merged / "config.json"], expert, budget)
+                for seed in [s for s in self.seeds if s != self.seeds[0]]:  # SEEDS="0 1": the seed noise of the RL variants
+                    self._rl(key, folder, f"{suffix}_seed{seed}", task_args, name, overlay, str(merged), [merged / "config.json"], expert,
+                             [*budget, "--seed_everything", str(seed)])  # fmt: skip
 
-    def _rl(self, key, folder, suffix, task_args, name, overlay, start: str, start_files, expert, test: Optional[list[str]] = None) -> None:
+    def _rl(self, key, folder, suffix, task_args, name, overlay, start: str, start_files, expert, extra_args: Optional[list[str]] = None) -> None:
         run = self.runs / folder / f"{name}{suffix}"
-        extra = (["--config", overlay] if overlay else []) + (test or [])
+        extra = (["--config", overlay] if overlay else []) + (extra_args or [])
         config = self._config(folder, "rl")
         self._add(
-            f"{key}/{name}",
+            f"{key}/{name}{suffix}" if "_seed" in suffix else f"{key}/{name}",
             ["fit", *config, *extra, *task_args, "--model.init_args.backbone.name", start,
              "--model.init_args.expert_attention", str(expert), "--trainer.default_root_dir", str(run)],
             [run / "metrics.json", run / "model" / "merged" / "config.json"], [*start_files, expert],
@@ -284,13 +289,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the run directories go")
     parser.add_argument("--results", type=Path, default=Path("results"), help="where results.md/json and the plots go")
     parser.add_argument("--model", default=os.environ.get("MODEL"), help="PROFILE=paper: the 7B model's folder")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[int(x) for x in os.environ.get("SEEDS", "0").split()],
+                        help="seeds of the RL variants (SEEDS=\"0 1\"): the first is the main run, each other one runs every "
+                        "variant again as <variant>_seed<N>, beside it in the report")
     parser.add_argument("--only", default=None, help="run only the stages whose name starts with this (e.g. tjh/sft)")
     parser.add_argument("--list", action="store_true", help="print the stages and whether each is up to date")
     parser.add_argument("--in-process", action="store_true", help="run stages in this process (tests)")
     args = parser.parse_args(argv)
     try:
         check_profile(args.profile, args.model)
-        plan = Plan(args.profile, args.runs.resolve() if args.runs.is_absolute() else args.runs, args.model)
+        plan = Plan(args.profile, args.runs.resolve() if args.runs.is_absolute() else args.runs, args.model, tuple(args.seeds))
         if args.list:
             for stage in plan.stages:
                 print(f"{'done ' if stage.done() else 'to do'}  {stage.name}")

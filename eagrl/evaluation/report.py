@@ -221,8 +221,23 @@ def collect(runs: Path) -> dict[str, Any]:
     cross = {row: cell(runs / "cross" / name) for row, name in CROSS}
     return {
         "main": main, "ablation": ablation, "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs),
-        "synthetic": synthetic_check(runs), "stage1": {key: stage1_summary(runs / folder / f"distill{suffix}") for key, _, folder, suffix in ALL_COLUMNS},
+        "synthetic": synthetic_check(runs), "reward_trends": reward_trends(runs), "seeds": seed_runs(runs), "stage1": {key: stage1_summary(runs / folder / f"distill{suffix}") for key, _, folder, suffix in ALL_COLUMNS},
     }  # fmt: skip
+
+
+def seed_runs(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per dataset, per RL variant run again with another seed (``<name>_seed<N>``, ``SEEDS="0 1"``): its test cell
+    beside the main run's ("main": the config's seed), so a reader sees how much of a gap is seed noise."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, _, folder, suffix in ALL_COLUMNS:
+        for row, name in RL_VARIANTS:
+            extra = sorted((runs / folder).glob(f"{name}{suffix}_seed*")) if (runs / folder).is_dir() else []
+            cells = {run.name.rsplit("_seed", 1)[1]: read_cell(run) for run in extra}
+            cells = {seed: c.__dict__ for seed, c in cells.items() if c is not None}
+            main = read_cell(runs / folder / f"{name}{suffix}")
+            if cells and main is not None:
+                out.setdefault(key, {})[row] = {"main": main.__dict__, **cells}
+    return out
 
 
 def _ablation_subset(runs: Path) -> Optional[list[str]]:
@@ -441,6 +456,23 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     lines += ["", "## Generalisation: trained on MIMIC-IV mortality, tested on TJH mortality", "", "| method | AUROC | AUPRC | n |", "|---|---|---|---|"]
     lines += [f"| {row} | " + " | ".join(fmt(results["cross_dataset"][row])) + " |" for row, _ in CROSS]
     lines.append("| ConCare | not applicable | not applicable | (its inputs are MIMIC-IV feature columns; TJH has other features) |")
+    lines += ["", "## RL training: did the reward move beyond its noise?", "",
+              "Per RL run: the mean training reward of the first 5 and the last 5 rollouts, the difference, its standard error "
+              "and z = difference / SE (|z| >= 2: a trend beyond the rollouts' noise). Curves: `rl_curves_<dataset>.png`.", "",
+              "| dataset | variant | rollouts | first 5 | last 5 | difference ± SE | z |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    titles = {key: title for key, title, *_ in ALL_COLUMNS}
+    for key, variants in results.get("reward_trends", {}).items():
+        for row, t in variants.items():
+            if t is None:
+                lines.append(f"| {titles[key]} | {row} | < 10 | — | — | — | — |")
+            else:
+                lines.append(f"| {titles[key]} | {row} | {t['rollouts']} | {t['first']:.3f} | {t['last']:.3f} | "
+                             f"{t['difference']:+.3f} ± {t['se']:.3f} | {t['z']:+.1f} |")  # fmt: skip
+    if results.get("seeds"):
+        lines += ["", "## Seed noise: the RL variants with a second seed", "", "| dataset | variant | seed | AUROC | AUPRC | n |", "|---|---|---|---|---|---|"]
+        for key, variants in results["seeds"].items():
+            for row, by_seed in variants.items():
+                lines += [f"| {titles[key]} | {row} | {seed} | " + " | ".join(fmt(c)) + " |" for seed, c in sorted(by_seed.items())]
     lines += ["", "## Plots", ""]
     lines += [f"- `{name}`" for name in results.get("plots", [])]
     return "\n".join(lines) + "\n"
@@ -570,6 +602,34 @@ def _metrics_csv(run: Path) -> list[dict[str, str]]:
         return []
     with open(files[-1], encoding="utf-8") as handle:
         return [r for r in csv.DictReader(handle) if r.get("train/reward")]
+
+
+def reward_trend(rewards: list[float], window: int = 5) -> Optional[dict[str, float]]:
+    """Whether a training reward curve moved beyond its noise: the mean of the last ``window`` rollouts minus the mean
+    of the first ``window``, its standard error (from the two windows' sample variances) and their ratio z. None
+    with fewer than ``2 * window`` rollouts."""
+    if len(rewards) < 2 * window:
+        return None
+    first, last = rewards[:window], rewards[-window:]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    var = lambda xs: sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)  # noqa: E731
+    se = math.sqrt(var(first) / window + var(last) / window)
+    diff = mean(last) - mean(first)
+    return {"rollouts": len(rewards), "first": mean(first), "last": mean(last), "difference": diff, "se": se,
+            "z": diff / se if se > 0 else (math.inf if diff > 0 else -math.inf if diff < 0 else 0.0)}  # fmt: skip
+
+
+def reward_trends(runs: Path) -> dict[str, dict[str, Optional[dict[str, float]]]]:
+    """Per dataset, per RL variant (with its extra seeds): ``reward_trend`` of its ``train/reward`` curve."""
+    out: dict[str, dict[str, Optional[dict[str, float]]]] = {}
+    for key, _, folder, suffix in ALL_COLUMNS:
+        for row, name in RL_VARIANTS:
+            for run in [runs / folder / f"{name}{suffix}", *sorted((runs / folder).glob(f"{name}{suffix}_seed*"))]:
+                rows = _metrics_csv(run)
+                if rows:
+                    label = row if run.name == f"{name}{suffix}" else f"{row} ({run.name.rsplit('_', 1)[1]})"
+                    out.setdefault(key, {})[label] = reward_trend([float(r["train/reward"]) for r in rows])
+    return out
 
 
 RL_PANELS = [  # (metrics.csv column, title); ε(τ) is drawn with the spread of its trajectories (eps_high_min..max)

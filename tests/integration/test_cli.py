@@ -12,8 +12,8 @@ import torch
 from eagrl.cli import main
 from tests.conftest import REPO, run_cli
 
-OVERLAY_DIRS = ("smoke", "rl", "reproduce", "sweeps", "scale", "windows")  # overlays and sweeps: parsed on top of a full config elsewhere
-CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml") if not set(OVERLAY_DIRS) & set(p.parts[-2:-1]))
+OVERLAY_DIRS = ("smoke", "rl", "reproduce", "sweeps", "scale", "windows", "synthetic")  # overlays and sweeps: parsed on top of a full config elsewhere
+CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml") if not set(OVERLAY_DIRS) & set(p.relative_to(REPO).parts[1:-1]))
 DATA_CONFIGS = [c for c in CONFIGS if c.endswith("_data.yaml") or c.endswith("/data.yaml")]
 SMOKE = ["--config", "configs/smoke/concare.yaml"]
 

@@ -129,3 +129,23 @@ def test_ablation_rows_share_the_subset_and_the_stage1_and_synthetic_sections(tm
     text = (tmp_path / "results" / "results.md").read_text()
     assert "## Mechanism check: the synthetic cohort" in text and "| TJH mortality | 5 | 3 | 3 | 67% |" in text
     assert "rl_curves_synthetic.png" in results["plots"]
+
+
+def test_reward_trend_and_second_seeds(tmp_path):
+    from eagrl.evaluation.report import reward_trend
+
+    flat = reward_trend([0.1, 0.2, 0.1, 0.2, 0.1] * 2)
+    assert flat["difference"] == pytest.approx(0.0) and abs(flat["z"]) < 1e-9
+    rising = reward_trend([0.1, 0.2, 0.1, 0.2, 0.1, 0.5, 0.6, 0.5, 0.6, 0.5, 0.6])
+    first, last = [0.1, 0.2, 0.1, 0.2, 0.1], [0.6, 0.5, 0.6, 0.5, 0.6]
+    se = (torch.tensor(first).var() / 5 + torch.tensor(last).var() / 5).sqrt().item()
+    assert rising["difference"] == pytest.approx(0.42) and rising["se"] == pytest.approx(se) and rising["z"] == pytest.approx(0.42 / se)
+    assert reward_trend([0.1] * 9) is None  # too short to tell
+
+    runs = tmp_path / "runs"
+    _run(runs / "tjh" / "rl", 1)
+    _run(runs / "tjh" / "rl_seed1", 2)
+    results = build(runs, tmp_path / "results")
+    assert set(results["seeds"]["tjh"]["EAG-RL"]) == {"main", "1"}
+    assert set(results["reward_trends"]["tjh"]) == {"EAG-RL", "EAG-RL (seed1)"} and results["reward_trends"]["tjh"]["EAG-RL"] is None
+    assert "## Seed noise" in (tmp_path / "results" / "results.md").read_text()

@@ -63,6 +63,9 @@ def test_the_datamodule_serves_it_with_short_text(tmp_path):
     assert np.median(lengths) <= 200  # the patient's text; the decomposition prompt adds ~206 tokens of instructions
     with pytest.raises(EAGRLInputError, match="observation window"):
         EHRDataModule(dataset="synthetic", observation_days=2)
+    small = EHRDataModule(dataset="synthetic", cache_dir=str(tmp_path), batch_size=2, eval_batch_size=8, progress=False)
+    small.setup()
+    assert len(next(iter(small.train_dataloader()))["id"]) == 2 and len(next(iter(small.test_dataloader()))["id"]) == 8
 
 
 @pytest.mark.slow
