@@ -54,17 +54,11 @@ _PARAMS: dict[str, tuple[float, float, float]] = {
 LAB_NAMES = [f.name for f in SYNTHETIC_FEATURES if not f.demographic]
 assert LAB_NAMES == list(_PARAMS), "the generator's parameters follow SYNTHETIC_FEATURES"
 RULE_FEATURES = ("Lactate", "Creatinine", "Albumin")  # the variables the outcome depends on
-RULE_INTERCEPT = 0.0
 
 
 def rule_logit(last: dict[str, np.ndarray]) -> np.ndarray:
     """The outcome's logit from the last visit's values of ``RULE_FEATURES`` ([N] each) -> [N]."""
-    return (
-        RULE_INTERCEPT
-        + 1.6 * (last["Lactate"] - 2.0)
-        + 1.4 * (last["Creatinine"] - 1.2) / 0.5
-        + 1.2 * (3.5 - last["Albumin"]) / 0.5
-    )
+    return 1.6 * (last["Lactate"] - 2.0) + 1.4 * (last["Creatinine"] - 1.2) / 0.5 + 1.2 * (3.5 - last["Albumin"]) / 0.5
 
 
 def load_synthetic(

@@ -175,29 +175,32 @@ PAIRED_RESAMPLES = 1000
 def paired_differences(runs: Path, n_bootstrap: int = PAIRED_RESAMPLES, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per dataset column, per pair (a, b) of ``PAIRS``: ΔAUROC and ΔAUPRC (a − b) on the test patients both
     answered, with 95% percentile intervals over the same resamples (``eagrl.evaluation.metrics.paired_difference``)."""
-    import torch
-
-    from eagrl.evaluation.metrics import paired_difference
-
     names = dict(MAIN)
     out: dict[str, dict[str, Any]] = {}
     for key, _, folder, suffix in COLUMNS:
         found = {row: predictions_by_id(runs / folder / f"{names[row]}{suffix}") for row in LLM_ROWS}
-        out[key] = {}
-        for a, b in PAIRS:
-            pair = f"{a} − {b}"
-            if found[a] is None or found[b] is None:
-                out[key][pair] = None
-                continue
-            shared = sorted(set(found[a]) & set(found[b]))
-            labels = torch.tensor([found[a][i][1] for i in shared])
-            if len(shared) < 2 or labels.min() == labels.max():
-                out[key][pair] = {"patients": len(shared)}
-                continue
-            probs_a = torch.tensor([found[a][i][0] for i in shared], dtype=torch.float)
-            probs_b = torch.tensor([found[b][i][0] for i in shared], dtype=torch.float)
-            out[key][pair] = {"patients": len(shared), **paired_difference(probs_a, probs_b, labels, n_bootstrap, seed)}
+        out[key] = {f"{a} − {b}": paired_on_shared(found[a], found[b], n_bootstrap, seed) for a, b in PAIRS}
     return out
+
+
+def paired_on_shared(
+    found_a: Optional[dict[str, tuple[float, int]]], found_b: Optional[dict[str, tuple[float, int]]], n_bootstrap: int = PAIRED_RESAMPLES, seed: int = 0
+) -> Optional[dict[str, Any]]:
+    """a − b (``paired_difference``) on the test patients both runs answered (``predictions_by_id``); None when a run
+    has no predictions, only ``patients`` when the shared patients hold one outcome."""
+    import torch
+
+    from eagrl.evaluation.metrics import paired_difference
+
+    if found_a is None or found_b is None:
+        return None
+    shared = sorted(set(found_a) & set(found_b))
+    labels = torch.tensor([found_a[i][1] for i in shared])
+    if len(shared) < 2 or labels.min() == labels.max():
+        return {"patients": len(shared)}
+    probs_a = torch.tensor([found_a[i][0] for i in shared], dtype=torch.float)
+    probs_b = torch.tensor([found_b[i][0] for i in shared], dtype=torch.float)
+    return {"patients": len(shared), **paired_difference(probs_a, probs_b, labels, n_bootstrap, seed)}
 
 
 def collect(runs: Path) -> dict[str, Any]:
@@ -297,10 +300,7 @@ SYNTHETIC_PAIRS = [("EAG-RL", "GRPO"), ("EAG-RL", "Question Decomposition"), ("S
 def synthetic_check(runs: Path) -> Optional[dict[str, Any]]:
     """The mechanism check on the synthetic cohort: per main method its test metrics, strict parse rate and R_att; the
     expert's attention on the outcome rule's variables; paired differences (EAG-RL against GRPO and the base model)."""
-    import torch
-
     from eagrl.data.synthetic import RULE_FEATURES
-    from eagrl.evaluation.metrics import paired_difference
 
     root = runs / "synthetic"
     if not root.is_dir():
@@ -318,20 +318,7 @@ def synthetic_check(runs: Path) -> Optional[dict[str, Any]]:
             "top_k_slots_on_rule": sum(f in RULE_FEATURES for r in records for f in r["top_k"]) / max(sum(len(r["top_k"]) for r in records), 1),
         }
     names = dict(SYNTHETIC_ROWS)
-    paired = {}
-    for a, b in SYNTHETIC_PAIRS:
-        found_a, found_b = predictions_by_id(root / names[a]), predictions_by_id(root / names[b])
-        if not found_a or not found_b:
-            paired[f"{a} − {b}"] = None
-            continue
-        shared = sorted(set(found_a) & set(found_b))
-        labels = torch.tensor([found_a[i][1] for i in shared])
-        if len(shared) < 2 or labels.min() == labels.max():
-            paired[f"{a} − {b}"] = {"patients": len(shared)}
-            continue
-        pa = torch.tensor([found_a[i][0] for i in shared], dtype=torch.float)
-        pb = torch.tensor([found_b[i][0] for i in shared], dtype=torch.float)
-        paired[f"{a} − {b}"] = {"patients": len(shared), **paired_difference(pa, pb, labels, PAIRED_RESAMPLES, 0)}
+    paired = {f"{a} − {b}": paired_on_shared(predictions_by_id(root / names[a]), predictions_by_id(root / names[b])) for a, b in SYNTHETIC_PAIRS}
     return {"rows": rows, "expert": expert, "paired": paired}
 
 
