@@ -103,6 +103,10 @@ class DistillModule(UsesGenerationEngine, L.LightningModule):
         truncate_visits: drop the oldest visits of a prompt longer than the context.
         reuse_prompt_cache: prefill each patient's prompt once per search and continue its KV cache
             (off: every sequence is prefilled again; same results up to float rounding).
+        constrain_features: [ours] sample each path's ``<Important Features>`` among the dataset's variable names
+            (the model chooses which; ``eagrl.llm.constrained``). For small policies that never name a variable
+            on their own, so the search has alignment to select for. Off: free text, as in the paper.
+        max_features: the most names a constrained ``<Important Features>`` lists (the expert's k by default).
         seed: base seed of the search.
     """
 
@@ -119,6 +123,8 @@ class DistillModule(UsesGenerationEngine, L.LightningModule):
         max_subquestions: PositiveInt = 4,
         truncate_visits: bool = True,
         reuse_prompt_cache: bool = True,
+        constrain_features: bool = False,
+        max_features: PositiveInt = 5,
         seed: int = 0,
     ):
         super().__init__()
@@ -146,7 +152,13 @@ class DistillModule(UsesGenerationEngine, L.LightningModule):
             self.llm, self.tokenizer = load_backbone(self.backbone_options)
         self.matcher = FeatureMatcher(names)
         self.policy = LLMPolicy(
-            self.llm, self.tokenizer, self.sampling, self.hparams.generation_batch_size, self.hparams.reuse_prompt_cache
+            self.llm,
+            self.tokenizer,
+            self.sampling,
+            self.hparams.generation_batch_size,
+            self.hparams.reuse_prompt_cache,
+            feature_names=names if self.hparams.constrain_features else None,
+            max_features=self.hparams.max_features,
         )  # its engine is set when predict starts (the module's device is known then)
         longest = max(self.sampling.subquestion.max_new_tokens + self.sampling.answer.max_new_tokens, self.sampling.final.max_new_tokens)
         limit = context_length(self.llm, self.backbone_options) - self.search_config.max_depth * longest

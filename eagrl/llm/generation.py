@@ -284,19 +284,30 @@ class _SampledLogprobs:
         return torch.stack(self.steps, dim=1) if self.steps else new.new_zeros((new.shape[0], 0), dtype=torch.float)
 
 
-def _decode(model, tokenizer, input_ids, attention_mask, cache, options: SamplingOptions, stop_strings, want_logprobs: bool):
+def _decode(
+    model, tokenizer, input_ids, attention_mask, cache, options: SamplingOptions, stop_strings, want_logprobs: bool, constraint=None
+):
     """``generate`` continuing ``cache``; returns (new ids [B, T], sampler log-probs [B, T] or None).
 
     With ``want_logprobs``, the temperature is applied by our own processor ahead of the recorder (transformers
-    orders its own warpers after custom processors in some versions and before in others)."""
+    orders its own warpers after custom processors in some versions and before in others). ``constraint``: a
+    factory of a logits processor that masks disallowed tokens (``eagrl.llm.constrained``); it runs after our own
+    temperature, and top_p/top_k are not applied (they could leave no allowed token)."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper
 
     kwargs = options.generation_kwargs()
     extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
     recorder = None
+    processors = []
     if want_logprobs:
         recorder = _SampledLogprobs()
-        processors = [recorder]
+        processors.append(recorder)
+    if constraint is not None:
+        processors.insert(0, constraint())
+        kwargs.pop("min_new_tokens", None)  # the end may be the only allowed token
+        if options.do_sample:
+            kwargs.update(top_p=1.0, top_k=0)
+    if processors:
         if options.do_sample and options.temperature != 1.0:
             processors.insert(0, TemperatureLogitsWarper(options.temperature))
             kwargs["temperature"] = 1.0
@@ -326,14 +337,17 @@ def generate(
     generator_seed: Optional[int] = None,
     stop_strings: Optional[list[str]] = None,
     engine: Optional[Engine] = Engine(),
+    constraint=None,
 ) -> list[Generation]:
     """Complete every prompt (already chat-templated text). Returns one ``Generation`` per prompt, in order.
 
     ``stop_strings``: a sequence stops at the first of them, and its text is cut just before it.
     ``engine``: how to prefill and decode (module docstring); None: one plain ``model.generate`` call per
-    padded batch (the reference)."""
+    padded batch (the reference). ``constraint``: a factory of a masking logits processor (``_decode``)."""
     if not prompts:
         return []
+    if constraint is not None and engine is None:
+        raise ValueError("generate: a constraint needs the engine (engine=None is the unconstrained reference)")
     tokenizer.padding_side = "left"
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
@@ -357,7 +371,7 @@ def generate(
             layers, _ = prefill(runner, [encoded[i] for i in chunk], engine.prefill_chunk)
             longest = batch["input_ids"].shape[1]
             cache = continuing_cache(runner, layers, longest - 1, options.max_new_tokens + 1, engine.decode_cache)
-            new, _ = _decode(runner, tokenizer, batch["input_ids"], batch["attention_mask"], cache, options, stop_strings, False)
+            new, _ = _decode(runner, tokenizer, batch["input_ids"], batch["attention_mask"], cache, options, stop_strings, False, constraint)
         for row, i in enumerate(chunk):
             results[i] = _finish(tokenizer, new[row].tolist(), eos, stop_strings, len(encoded[i]))
         bar.update(len(chunk))
@@ -453,11 +467,12 @@ def generate_continuations(
     options: SamplingOptions = SamplingOptions(),
     batch_size: int = 8,
     stop_strings: Optional[list[str]] = None,
+    constraint=None,
 ) -> list[Generation]:
     """Complete ``prompts[i] + continuations[i]`` for every i, reusing ``prompt_cache`` for the prompts.
 
     Same results as ``generate`` on the concatenated texts (up to float rounding), without prefilling the
-    prompts again. Every prompt must be one of the cache's.
+    prompts again. Every prompt must be one of the cache's. ``constraint``: as in ``generate``.
     """
     if not prompts:
         return []
@@ -482,7 +497,7 @@ def generate_continuations(
         input_ids = torch.cat([prompt_cache.input_ids[chunk_rows], tail], dim=1)  # [b, P + L]
         attention_mask = torch.cat([prompt_cache.attention_mask[chunk_rows], tail_mask], dim=1)
         cache = prompt_cache.select(runner, chunk_rows, used, longest + options.max_new_tokens + 1)
-        new, _ = _decode(runner, tokenizer, input_ids, attention_mask, cache, options, stop_strings, False)
+        new, _ = _decode(runner, tokenizer, input_ids, attention_mask, cache, options, stop_strings, False, constraint)
         for row, i in enumerate(chunk):
             prompt_tokens = prompt_cache.prompt_tokens[rows[i]] + len(encoded[i])
             results[i] = _finish(tokenizer, new[row].tolist(), eos, stop_strings, prompt_tokens)

@@ -8,13 +8,17 @@ the important features (after ``<Important Features>``) and the final answer (af
 tokens). The tags are written by the search, the content by the model, so every final step has the
 structure the strict reward reads (``eagrl.llm.parsing``) and ŷ is still only what the model writes after
 ``<Final Answer>``. Each kind of call has its own sampling settings.
+
+[ours] With ``feature_names``, the important features are sampled among those names only
+(``eagrl.llm.constrained``): the model still chooses which, the expert's are never shown to it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Optional, Sequence
 
+from eagrl.llm.constrained import NameListConstraint
 from eagrl.llm.generation import Engine, PromptCache, SamplingOptions, generate, generate_continuations
 from eagrl.mcts.search import Step
 
@@ -63,6 +67,8 @@ class LLMPolicy:
 
     With ``reuse_prompt_cache`` (default), ``begin`` prefills the batch's patient prompts once and every
     call of the search continues that cache (``PromptCache``); otherwise each sequence is prefilled anew.
+    ``feature_names``: sample the ``<Important Features>`` among these names only, at most ``max_features``
+    (None: free text).
     """
 
     def __init__(
@@ -73,9 +79,15 @@ class LLMPolicy:
         batch_size: int = 16,
         reuse_prompt_cache: bool = True,
         engine: Engine = Engine(),
+        feature_names: Optional[Sequence[str]] = None,
+        max_features: int = 5,
     ):
         self.model, self.tokenizer, self.sampling, self.batch_size = model, tokenizer, sampling, batch_size
         self.reuse_prompt_cache, self.engine = reuse_prompt_cache, engine
+        self.feature_constraint = None
+        if feature_names is not None:
+            NameListConstraint(tokenizer, feature_names, max_features)  # fails now on bad settings, not mid-search
+            self.feature_constraint = lambda: NameListConstraint(tokenizer, feature_names, max_features)
         self.cache: PromptCache | None = None
 
     def begin(self, prompts: Sequence[str]) -> None:
@@ -84,11 +96,15 @@ class LLMPolicy:
     def end(self) -> None:
         self.cache = None
 
-    def _generate(self, prompts: list[str], tails: list[str], options: SamplingOptions, stops: list[str] | None):
+    def _generate(self, prompts: list[str], tails: list[str], options: SamplingOptions, stops: list[str] | None, constraint=None):
         if self.cache is not None:
-            return generate_continuations(self.model, self.tokenizer, self.cache, prompts, tails, options, self.batch_size, stops)
+            return generate_continuations(
+                self.model, self.tokenizer, self.cache, prompts, tails, options, self.batch_size, stops, constraint
+            )
         contexts = [p + t for p, t in zip(prompts, tails)]
-        return generate(self.model, self.tokenizer, contexts, options, self.batch_size, stop_strings=stops, engine=self.engine)
+        return generate(
+            self.model, self.tokenizer, contexts, options, self.batch_size, stop_strings=stops, engine=self.engine, constraint=constraint
+        )
 
     def propose_steps(self, prompts: Sequence[str], prefixes: Sequence[list[Step]], n: int) -> list[list[Step]]:
         owners = [prompt for prompt in prompts for _ in range(n)]
@@ -108,7 +124,7 @@ class LLMPolicy:
         final = self.sampling.final
         questions = self._generate(owners, tails, final, FINAL_QUESTION_STOPS)
         feature_tails = [t + q.text.rstrip() + "\n<Important Features>" for t, q in zip(tails, questions)]
-        features = self._generate(owners, feature_tails, final, FEATURE_STOPS)
+        features = self._generate(owners, feature_tails, final, FEATURE_STOPS, self.feature_constraint)
         answer_tails = [t + f.text.rstrip() + "\n<Final Answer>" for t, f in zip(feature_tails, features)]
         short = replace(final, max_new_tokens=min(final.max_new_tokens, FINAL_ANSWER_TOKENS), min_new_tokens=0)
         answers = self._generate(owners, answer_tails, short, FINAL_ANSWER_STOPS)

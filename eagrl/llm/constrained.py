@@ -1,0 +1,88 @@
+"""Constrained decoding of the ``<Important Features>`` step: the model picks among the dataset's variable names.
+
+[ours] A small policy (SmolLM2-135M) writing the important features freely almost never names a variable of the
+dataset (0 of 9 sampled trajectories on the synthetic cohort; no kept TJH trajectory in stage 1), so the search's
+R_att is 0 on every path and stage 1 cannot select for alignment with the expert. ``NameListConstraint`` is a
+transformers ``LogitsProcessor`` that masks every next token that would not continue a list of the dataset's names
+written as `` name, name, name``: the model's own distribution, restricted to valid lists, still decides which
+names (and how many, up to ``max_names``) it writes; the expert's features are never shown to it. The search then
+rewards the paths whose names agree with the expert, as the paper's stage 1 does. Only stage 1 uses it
+(``DistillModule(constrain_features=True)``); SFT, RL and evaluation read free text.
+
+Each name is tokenised as ``" " + name`` (its canonical tokens); the allowed tokens are held in a trie. After a
+complete name the model may write ``","`` (another name follows) or end the step (end-of-text); after
+``max_names`` names only the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class _Node:
+    children: dict[int, "_Node"] = field(default_factory=dict)
+    terminal: bool = False
+
+
+class NameListConstraint:
+    """A ``LogitsProcessor`` for one ``generate`` call (its state is the prompt length seen on the first call).
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        names: the allowed names (the dataset's feature names).
+        max_names: the most names in the list.
+    """
+
+    def __init__(self, tokenizer, names: Sequence[str], max_names: int = 5):
+        if not names:
+            raise ValueError("NameListConstraint: no names to choose from")
+        if max_names < 1:
+            raise ValueError(f"NameListConstraint: max_names must be >= 1, got {max_names}")
+        self.root = _Node()
+        for name in names:
+            node = self.root
+            for token in tokenizer(" " + name, add_special_tokens=False)["input_ids"]:
+                node = node.children.setdefault(token, _Node())
+            node.terminal = True
+        (self.comma,) = tokenizer(",", add_special_tokens=False)["input_ids"][:1]
+        self.end = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        self.max_names = max_names
+        self.start: int | None = None
+
+    def allowed(self, new: Sequence[int]) -> list[int] | None:
+        """The tokens allowed after ``new`` (the tokens written so far); None once the list has ended."""
+        node, count = self.root, 0
+        for token in new:
+            if token in self.end:
+                return None
+            if token == self.comma and node.terminal and node is not self.root:
+                node, count = self.root, count + 1
+                continue
+            node = node.children.get(token)
+            if node is None:  # cannot happen under the mask; leave such a row alone
+                return None
+        allowed = list(node.children)
+        if node.terminal:
+            allowed.append(self.eos)
+            if count + 1 < self.max_names:
+                allowed.append(self.comma)
+        return allowed
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # input_ids: [B, prompt + written]; scores: [B, V]
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        masked = torch.full_like(scores, float("-inf"))
+        for row in range(input_ids.shape[0]):
+            allowed = self.allowed(input_ids[row, self.start :].tolist())
+            if allowed is None:
+                masked[row] = scores[row]
+            else:
+                index = torch.tensor(allowed, device=scores.device)
+                masked[row, index] = scores[row, index]
+        return masked
