@@ -119,3 +119,38 @@ def paired_difference(
         out[f"delta_{m}"] = whole_a[m] - whole_b[m]
         out[f"delta_{m}_ci_low"], out[f"delta_{m}_ci_high"] = percentile_interval(values, level)
     return out
+
+
+CALIBRATION_BINS = 10
+
+
+def calibration(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = CALIBRATION_BINS) -> dict:
+    """Calibration of predicted probabilities: the Brier score, the expected calibration error, and the
+    reliability diagram's bins. probs, labels: [N].
+
+    - Brier = mean((ŷ − y)²).
+    - ECE = Σ_b (n_b / N) |mean ŷ in b − share of positives in b| over ``n_bins`` equal-width bins of ŷ on
+      [0, 1] (torchmetrics' ``binary_calibration_error``, L1 norm).
+    - bins: per bin with patients, ``{"low", "high", "mean_prediction", "observed", "patients"}`` (a bin holds
+      low < ŷ <= high; the first also ŷ = 0), the points of the reliability diagram.
+    """
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    probs, labels = probs.detach().double().flatten().cpu(), labels.detach().flatten().long().cpu()  # [N], [N]
+    if probs.numel() == 0:
+        raise ValueError("calibration needs at least one prediction")
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.double)  # [n_bins + 1]
+    which = torch.bucketize(probs, edges[1:-1], right=False)  # [N] bin index: edges[b] < p <= edges[b + 1]
+    bins = []
+    for b in range(n_bins):
+        inside = which == b
+        if inside.any():
+            bins.append({
+                "low": float(edges[b]), "high": float(edges[b + 1]), "mean_prediction": float(probs[inside].mean()),
+                "observed": float(labels[inside].double().mean()), "patients": int(inside.sum()),
+            })  # fmt: skip
+    return {
+        "brier": float(((probs - labels.double()) ** 2).mean()),
+        "ece": float(binary_calibration_error(probs.float(), labels, n_bins=n_bins, norm="l1")),
+        "bins": bins,
+    }

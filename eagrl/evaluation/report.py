@@ -16,6 +16,9 @@ Where each number comes from (``<runs>/<dataset>/<method><suffix>/``):
   GRU per feature and is order-invariant by construction, so it has no numbers there); the cross-dataset table:
   the MIMIC-IV-trained models tested on TJH (``cross/<method>``; ConCare is not applicable: its inputs are
   dataset-specific feature columns);
+- calibration (Brier score, expected calibration error over 10 bins, ``calibration.png``'s reliability diagrams):
+  the same per-patient predictions, on every patient answered (an unparsed LLM answer counts as ŷ = 0.5, as in the
+  metrics);
 - ROC and PR curves: the per-patient predictions of each run (``generations.jsonl`` of the LLM methods,
   the test rows of ConCare's ``expert_attention.jsonl``); RL curves: the runs' ``logs/*/metrics.csv``.
 
@@ -224,8 +227,26 @@ def collect(runs: Path) -> dict[str, Any]:
     cross = {row: cell(runs / "cross" / name) for row, name in CROSS}
     return {
         "main": main, "ablation": ablation, "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs),
-        "synthetic": synthetic_check(runs), "reward_trends": reward_trends(runs), "seeds": seed_runs(runs), "stage1": {key: stage1_summary(runs / folder / f"distill{suffix}") for key, _, folder, suffix in ALL_COLUMNS},
+        "calibration": calibration_table(runs), "synthetic": synthetic_check(runs), "reward_trends": reward_trends(runs), "seeds": seed_runs(runs), "stage1": {key: stage1_summary(runs / folder / f"distill{suffix}") for key, _, folder, suffix in ALL_COLUMNS},
     }  # fmt: skip
+
+
+def calibration_table(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """{dataset key: {main-table row: ``metrics.calibration`` of its test predictions, with ``patients``}} for every
+    run found (the synthetic cohort included)."""
+    import torch
+
+    from eagrl.evaluation.metrics import calibration
+
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, _, folder, suffix in ALL_COLUMNS:
+        for row, name in MAIN:
+            found = predictions(runs / folder / f"{name}{suffix}")
+            if found is None or not found[0]:
+                continue
+            result = calibration(torch.tensor(found[0], dtype=torch.double), torch.tensor(found[1]))
+            table.setdefault(key, {})[row] = {**result, "patients": len(found[0])}
+    return table
 
 
 def seed_runs(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -455,6 +476,15 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
             else:
                 lines.append(f"| {titles[key]} | {row} | {t['rollouts']} | {t['first']:.3f} | {t['last']:.3f} | "
                              f"{t['difference']:+.3f} ± {t['se']:.3f} | {t['z']:+.1f} |")  # fmt: skip
+    lines += ["", "## Calibration", "",
+              "Brier score (mean squared error of ŷ) and expected calibration error (ECE: the patient-weighted mean gap between "
+              "ŷ and the observed share of deaths over 10 equal-width bins of ŷ), lower is better, on every test patient "
+              "answered (an unparsed answer counts as ŷ = 0.5). A model that always writes the same ŷ can have a small ECE "
+              "and no discrimination: read it beside AUROC. Reliability diagrams: `calibration.png`.", "",
+              "| dataset | method | Brier | ECE | n |", "|---|---|---|---|---|"]  # fmt: skip
+    for key, rows in results.get("calibration", {}).items():
+        for row, c in rows.items():
+            lines.append(f"| {titles[key]} | {row} | {c['brier']:.3f} | {c['ece']:.3f} | {c['patients']} |")
     if results.get("seeds"):
         lines += ["", "## Seed noise: the RL variants with a second seed", "", "| dataset | variant | seed | AUROC | AUPRC | n |", "|---|---|---|---|---|---|"]
         for key, variants in results["seeds"].items():
@@ -528,6 +558,30 @@ def _plot_curves(runs: Path, out: Path) -> list[str]:
         figure.tight_layout()
         written.append(_save(figure, out / f"roc_pr_{key}.png"))
     return written
+
+
+def _plot_calibration(results: dict[str, Any], out: Path) -> list[str]:
+    """``calibration.png``: a reliability diagram per dataset (mean ŷ against the observed share per bin)."""
+    table = results.get("calibration") or {}
+    if not table:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {key: title for key, title, *_ in ALL_COLUMNS}
+    figure, axes = plt.subplots(1, len(table), figsize=(4.6 * len(table), 4.4), squeeze=False)
+    for axis, (key, rows) in zip(axes[0], table.items()):
+        for row, c in rows.items():
+            xs = [b["mean_prediction"] for b in c["bins"]]
+            ys = [b["observed"] for b in c["bins"]]
+            axis.plot(xs, ys, marker="o", markersize=3, label=f"{row} (ECE {c['ece']:.2f})")
+        axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability (bin)", ylabel="observed share of outcomes", title=titles[key])
+        axis.legend(fontsize=6, loc="upper left")
+    figure.tight_layout()
+    return [_save(figure, out / "calibration.png")]
 
 
 def _save(figure, path: Path) -> str:
@@ -661,7 +715,7 @@ def build(runs: Path, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     results = collect(runs)
     facts = _run_facts(runs)
-    results["plots"] = _plot_curves(runs, out) + _plot_robustness(results, out) + _plot_cross(results, out) + _plot_rl(runs, out)
+    results["plots"] = _plot_curves(runs, out) + _plot_calibration(results, out) + _plot_robustness(results, out) + _plot_cross(results, out) + _plot_rl(runs, out)
     results["facts"] = facts
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", markdown(results, facts))

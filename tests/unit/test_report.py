@@ -149,3 +149,41 @@ def test_reward_trend_and_second_seeds(tmp_path):
     assert set(results["seeds"]["tjh"]["EAG-RL"]) == {"main", "1"}
     assert set(results["reward_trends"]["tjh"]) == {"EAG-RL", "EAG-RL (seed1)"} and results["reward_trends"]["tjh"]["EAG-RL"] is None
     assert "## Seed noise" in (tmp_path / "results" / "results.md").read_text()
+
+
+def _direct_calibration(probs: list[float], labels: list[int]) -> tuple[float, float]:
+    """Brier and ECE (10 equal-width bins, a bin holding low < p <= high, the first also p = 0) by hand."""
+    n, ece = len(probs), 0.0
+    for b in range(10):
+        inside = [(p, y) for p, y in zip(probs, labels) if (b / 10 < p <= (b + 1) / 10) or (b == 0 and p == 0)]
+        if inside:
+            ece += len(inside) / n * abs(sum(p for p, _ in inside) / len(inside) - sum(y for _, y in inside) / len(inside))
+    return sum((p - y) ** 2 for p, y in zip(probs, labels)) / n, ece
+
+
+def test_calibration_equals_a_direct_computation_and_is_plotted(tmp_path):
+    from eagrl.evaluation.metrics import calibration
+
+    probs = [0.02, 0.13, 0.17, 0.34, 0.55, 0.96, 0.94, 0.23, 0.31, 1.0, 0.0, 0.08]  # none on a bin edge but 0 and 1
+    labels = [0, 0, 1, 0, 1, 1, 1, 0, 1, 1, 0, 0]
+    result = calibration(torch.tensor(probs, dtype=torch.double), torch.tensor(labels))
+    brier, ece = _direct_calibration(probs, labels)
+    assert result["brier"] == pytest.approx(brier, abs=1e-9) and result["ece"] == pytest.approx(ece, abs=1e-6)
+    assert sum(b["patients"] for b in result["bins"]) == len(probs)
+    assert [b["observed"] for b in result["bins"]][:2] == [0.0, 0.5]  # bin 0: 0.02, 0.0, 0.08 all alive; bin 1: 0.13, 0.17
+    perfect = calibration(torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0, 1, 1]))
+    assert perfect["brier"] == 0.0 and perfect["ece"] == 0.0
+
+    runs = tmp_path / "runs"
+    folder = runs / "tjh" / "rl"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"test/auroc": 0.7, "test/samples": 12.0}))
+    rows = [{"id": f"s{k}", "split": "test", "label": y, "y_hat": p} for k, (p, y) in enumerate(zip(probs, labels))]
+    rows.append({"id": "unparsed", "split": "test", "label": 1, "y_hat": None})  # counts as 0.5, as in the metrics
+    (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = build(runs, tmp_path / "results")
+    cell = results["calibration"]["tjh"]["EAG-RL"]
+    brier, ece = _direct_calibration(probs + [0.5], labels + [1])
+    assert cell["patients"] == 13 and cell["brier"] == pytest.approx(brier, abs=1e-9) and cell["ece"] == pytest.approx(ece, abs=1e-6)
+    assert "calibration.png" in results["plots"] and (tmp_path / "results" / "calibration.png").is_file()
+    assert f"| TJH mortality | EAG-RL | {brier:.3f} | {ece:.3f} | 13 |" in (tmp_path / "results" / "results.md").read_text()
