@@ -74,6 +74,15 @@ class EHRDataset(Dataset):
         """The split's sample ids, in order (without building the samples)."""
         return [str(i) for i in self.cohort.raw.sample_ids[self.index]]
 
+    def sex_age(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Sex (1 male, 0 female) and Age (years) of samples ``indices`` of this split, [N] each, NaN where the
+        cohort has no such feature: the subgroups of ``eagrl.evaluation.subgroup_metrics``. Kept in memory only."""
+        names = [f.name for f in self.cohort.raw.features]
+        raw = self.cohort.raw
+        first = np.array([raw.rows(int(self.index[int(i)])).start for i in indices], dtype=np.int64)  # [N]
+        pick = lambda name: raw.values[first, names.index(name)].astype(np.float64) if name in names else np.full(len(first), np.nan)  # noqa: E731
+        return pick("Sex"), pick("Age")
+
     @property
     def labels(self) -> np.ndarray:
         return self.cohort.raw.labels[self.task][self.index]

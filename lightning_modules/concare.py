@@ -17,7 +17,7 @@ from torchmetrics import CatMetric
 
 from eagrl.distributed import unique_in_order
 from eagrl.errors import EAGRLInputError
-from eagrl.evaluation import bootstrap_metrics
+from eagrl.evaluation import bootstrap_metrics, subgroup_metrics
 from eagrl.models import ConCare
 
 
@@ -149,11 +149,14 @@ class ConCareModule(L.LightningModule):
     def _eval_epoch_end(self, split: str) -> None:
         kept = (self.indices, self.probs, self.labels, self.losses)
         gathered = [metric[split].compute() for metric in kept]  # across ranks
-        _, probs, labels, losses = unique_in_order(*gathered)  # every sample once, in dataset order: as in one process
+        indices, probs, labels, losses = unique_in_order(*gathered)  # every sample once, in dataset order: as in one process
         for metric in kept:
             metric[split].reset()
         metrics = bootstrap_metrics(probs, labels, self.hparams.n_bootstrap, self.hparams.bootstrap_seed)
         metrics["loss"] = float(losses.double().mean())
+        if split == "test":
+            sex, age = self.trainer.datamodule.datasets[split].sex_age(indices.long().tolist())
+            metrics.update(subgroup_metrics(probs, labels, torch.from_numpy(sex), torch.from_numpy(age)))
         self.log_dict({f"{split}/{k}": v for k, v in metrics.items()})
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

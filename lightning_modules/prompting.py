@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from eagrl.data.expert import load_expert_attention
 from eagrl.distributed import gather_objects, unique_records
 from eagrl.errors import EAGRLInputError
-from eagrl.evaluation import bootstrap_metrics
+from eagrl.evaluation import bootstrap_metrics, subgroup_metrics
 from eagrl.io import atomic_path
 from eagrl.llm.generation import ANSWER_CUE, SamplingOptions, generate, yes_no_probability
 from eagrl.llm.parsing import FeatureMatcher, parse_answer
@@ -182,6 +182,10 @@ class AnswerEvaluator(UsesGenerationEngine, L.LightningModule):
             )
             if self.expert is not None:
                 metrics["r_att"] = sum(r["r_att"] for r in records) / n
+            data = self.trainer.datamodule.datasets[split]
+            position = {str(i): k for k, i in enumerate(data.ids)}
+            sex, age = data.sex_age([position[str(r["id"])] for r in records])
+            metrics.update(subgroup_metrics(probs, labels, torch.from_numpy(sex), torch.from_numpy(age)))
             logged.update({f"{split}/{k}": (v if math.isfinite(v) else float("nan")) for k, v in metrics.items()})
         if logged:
             self.log_dict(logged, add_dataloader_idx=False)

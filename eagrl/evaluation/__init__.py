@@ -1,3 +1,3 @@
-from eagrl.evaluation.metrics import binary_metrics, bootstrap_metrics
+from eagrl.evaluation.metrics import binary_metrics, bootstrap_metrics, calibration, subgroup_metrics
 
-__all__ = ["binary_metrics", "bootstrap_metrics"]
+__all__ = ["binary_metrics", "bootstrap_metrics", "calibration", "subgroup_metrics"]

@@ -154,3 +154,39 @@ def calibration(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = CALIBRA
         "ece": float(binary_calibration_error(probs.float(), labels, n_bins=n_bins, norm="l1")),
         "bins": bins,
     }
+
+
+SUBGROUPS = (  # (key, title): by sex, and by age band at the stay (years)
+    ("sex_male", "male"),
+    ("sex_female", "female"),
+    ("age_lt50", "age < 50"),
+    ("age_50_70", "age 50-70"),
+    ("age_gt70", "age > 70"),
+)
+MIN_SUBGROUP_CLASS = 10  # fewer positives or negatives than this: the subgroup is too small for a number
+
+
+def subgroup_masks(sex: torch.Tensor, age: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{subgroup key: [N] bool}. sex: [N] 1 male, 0 female (NaN unknown: in neither); age: [N] years (NaN: in no band);
+    the bands are age < 50, 50 <= age <= 70 and age > 70."""
+    sex, age = sex.detach().double().flatten().cpu(), age.detach().double().flatten().cpu()
+    return {
+        "sex_male": sex == 1, "sex_female": sex == 0,
+        "age_lt50": age < 50, "age_50_70": (age >= 50) & (age <= 70), "age_gt70": age > 70,
+    }  # fmt: skip
+
+
+def subgroup_metrics(probs: torch.Tensor, labels: torch.Tensor, sex: torch.Tensor, age: torch.Tensor, min_each: int = MIN_SUBGROUP_CLASS) -> dict[str, float]:
+    """AUROC and AUPRC per subgroup (``SUBGROUPS``), flat as ``metrics.json`` holds them: for each key
+    ``subgroup_<key>_patients`` and ``subgroup_<key>_positives``, and ``subgroup_<key>_auroc`` / ``_auprc`` only
+    when the subgroup holds at least ``min_each`` positives and ``min_each`` negatives (else it is too small
+    for a number). probs, labels, sex, age: [N]."""
+    probs, labels = probs.detach().double().flatten().cpu(), labels.detach().flatten().long().cpu()
+    out: dict[str, float] = {}
+    for key, mask in subgroup_masks(sex, age).items():
+        n, positives = int(mask.sum()), int(labels[mask].sum())
+        out[f"subgroup_{key}_patients"], out[f"subgroup_{key}_positives"] = float(n), float(positives)
+        if positives >= min_each and n - positives >= min_each:
+            found = binary_metrics(probs[mask], labels[mask])
+            out[f"subgroup_{key}_auroc"], out[f"subgroup_{key}_auprc"] = found["auroc"], found["auprc"]
+    return out

@@ -19,6 +19,9 @@ Where each number comes from (``<runs>/<dataset>/<method><suffix>/``):
 - calibration (Brier score, expected calibration error over 10 bins, ``calibration.png``'s reliability diagrams):
   the same per-patient predictions, on every patient answered (an unparsed LLM answer counts as ŷ = 0.5, as in the
   metrics);
+- subgroups (AUROC and AUPRC by sex and by age band, with their sizes): ``metrics.json``'s ``test/subgroup_*`` keys
+  (``eagrl.evaluation.metrics.subgroup_metrics``; a subgroup with fewer than 10 positives or negatives has no
+  number and is shown as too small);
 - ROC and PR curves: the per-patient predictions of each run (``generations.jsonl`` of the LLM methods,
   the test rows of ConCare's ``expert_attention.jsonl``); RL curves: the runs' ``logs/*/metrics.csv``.
 
@@ -227,8 +230,32 @@ def collect(runs: Path) -> dict[str, Any]:
     cross = {row: cell(runs / "cross" / name) for row, name in CROSS}
     return {
         "main": main, "ablation": ablation, "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs),
-        "calibration": calibration_table(runs), "synthetic": synthetic_check(runs), "reward_trends": reward_trends(runs), "seeds": seed_runs(runs), "stage1": {key: stage1_summary(runs / folder / f"distill{suffix}") for key, _, folder, suffix in ALL_COLUMNS},
+        "calibration": calibration_table(runs), "subgroups": subgroup_table(runs), "synthetic": synthetic_check(runs), "reward_trends": reward_trends(runs), "seeds": seed_runs(runs), "stage1": {key: stage1_summary(runs / folder / f"distill{suffix}") for key, _, folder, suffix in ALL_COLUMNS},
     }  # fmt: skip
+
+
+def subgroup_table(runs: Path) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """{dataset key: {main-table row: {subgroup key: {"patients", "positives", "auroc", "auprc"}}}} from each run's
+    ``metrics.json`` (auroc/auprc None: too small for a number)."""
+    from eagrl.evaluation.metrics import SUBGROUPS
+
+    table: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for key, _, folder, suffix in COLUMNS:
+        for row, name in MAIN:
+            path = runs / folder / f"{name}{suffix}" / "metrics.json"
+            metrics = json.loads(path.read_text()) if path.is_file() else {}
+            if f"test/subgroup_{SUBGROUPS[0][0]}_patients" not in metrics:
+                continue
+            table.setdefault(key, {})[row] = {
+                group: {
+                    "patients": int(metrics[f"test/subgroup_{group}_patients"]),
+                    "positives": int(metrics[f"test/subgroup_{group}_positives"]),
+                    "auroc": _number(metrics.get(f"test/subgroup_{group}_auroc")),
+                    "auprc": _number(metrics.get(f"test/subgroup_{group}_auprc")),
+                }
+                for group, _ in SUBGROUPS
+            }
+    return table
 
 
 def calibration_table(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -485,6 +512,20 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     for key, rows in results.get("calibration", {}).items():
         for row, c in rows.items():
             lines.append(f"| {titles[key]} | {row} | {c['brier']:.3f} | {c['ece']:.3f} | {c['patients']} |")
+    from eagrl.evaluation.metrics import MIN_SUBGROUP_CLASS, SUBGROUPS
+
+    lines += ["", "## Subgroups", "",
+              f"AUROC x100 by sex and by age band on the test patients answered (n: patients, n+: with the outcome). A subgroup "
+              f"with fewer than {MIN_SUBGROUP_CLASS} patients with or without the outcome is too small for a number.", "",
+              "| dataset | method | " + " | ".join(title for _, title in SUBGROUPS) + " |", "|---" * (2 + len(SUBGROUPS)) + "|"]  # fmt: skip
+    for key, rows in results.get("subgroups", {}).items():
+        for row, groups in rows.items():
+            cells = []
+            for group, _ in SUBGROUPS:
+                g = groups[group]
+                size = f"(n {g['patients']}, n+ {g['positives']})"
+                cells.append(f"too small {size}" if g["auroc"] is None else f"{100 * g['auroc']:.1f} {size}")
+            lines.append(f"| {titles[key]} | {row} | " + " | ".join(cells) + " |")
     if results.get("seeds"):
         lines += ["", "## Seed noise: the RL variants with a second seed", "", "| dataset | variant | seed | AUROC | AUPRC | n |", "|---|---|---|---|---|---|"]
         for key, variants in results["seeds"].items():

@@ -143,6 +143,30 @@ def test_fit_leaves_the_run_bundle(smoke_run):
     assert info["seed"] == 42 and "torch" in info["versions"]
 
 
+def test_subgroup_metrics_of_a_fit_equal_a_direct_computation(smoke_run, tjh_module):
+    from eagrl.evaluation.metrics import SUBGROUPS, binary_metrics
+
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    test = tjh_module.datasets["test"]
+    by_id = {r["id"]: r for r in map(json.loads, (smoke_run / "expert_attention.jsonl").read_text().splitlines()) if r["split"] == "test"}
+    probs = torch.tensor([by_id[i]["prob"] for i in test.ids], dtype=torch.double)
+    labels = torch.tensor([by_id[i]["label"] for i in test.ids])
+    sex, age = (torch.from_numpy(v) for v in test.sex_age(range(len(test))))
+    groups = {"sex_male": sex == 1, "sex_female": sex == 0, "age_lt50": age < 50, "age_50_70": (age >= 50) & (age <= 70), "age_gt70": age > 70}
+    assert int(groups["sex_male"].sum() + groups["sex_female"].sum()) == len(test)  # TJH records every sex
+    for key, _ in SUBGROUPS:
+        mask = groups[key]
+        assert metrics[f"test/subgroup_{key}_patients"] == int(mask.sum())
+        assert metrics[f"test/subgroup_{key}_positives"] == int(labels[mask].sum())
+        if min(int(labels[mask].sum()), int((1 - labels[mask]).sum())) >= 10:
+            # the export's ŷ come from its own forward pass (other batches, 6 decimals): equal to ~1e-4
+            assert metrics[f"test/subgroup_{key}_auroc"] == pytest.approx(binary_metrics(probs[mask], labels[mask])["auroc"], abs=2e-3)
+        else:
+            assert f"test/subgroup_{key}_auroc" not in metrics  # too small for a number
+    assert any(f"test/subgroup_{key}_auroc" in metrics for key, _ in SUBGROUPS)
+    assert any(f"test/subgroup_{key}_auroc" not in metrics for key, _ in SUBGROUPS)  # TJH's under-50s: few deaths
+
+
 def test_expert_attention_export(smoke_run, tjh_module):
     lines = (smoke_run / "expert_attention.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]

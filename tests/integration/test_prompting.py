@@ -32,6 +32,8 @@ def test_prompting_baseline_writes_metrics_and_generations(style, tmp_path, sess
         assert name in metrics, name
     assert metrics["test/samples"] == 16  # 2 batches of 8 (limit_test_batches in the smoke overlay)
     assert 0.0 <= metrics["test/parse_rate"] <= 1.0
+    assert metrics["test/subgroup_sex_male_patients"] + metrics["test/subgroup_sex_female_patients"] == 16
+    assert "test/subgroup_sex_male_auroc" not in metrics  # 16 patients: every subgroup too small for a number
     generation = metrics["generation"]  # how it generated, chosen on this machine (auto) and recorded
     assert generation["dtype"] in ("float32", "bfloat16") and generation["dtype_choice"].startswith("auto: matmul")
     assert generation["decode_cache"] == "static" and generation["batch_size"] >= 1

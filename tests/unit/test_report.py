@@ -187,3 +187,31 @@ def test_calibration_equals_a_direct_computation_and_is_plotted(tmp_path):
     assert cell["patients"] == 13 and cell["brier"] == pytest.approx(brier, abs=1e-9) and cell["ece"] == pytest.approx(ece, abs=1e-6)
     assert "calibration.png" in results["plots"] and (tmp_path / "results" / "calibration.png").is_file()
     assert f"| TJH mortality | EAG-RL | {brier:.3f} | {ece:.3f} | 13 |" in (tmp_path / "results" / "results.md").read_text()
+
+
+def test_subgroup_metrics_and_their_report_table(tmp_path):
+    from eagrl.evaluation.metrics import binary_metrics, subgroup_metrics
+
+    g = torch.Generator().manual_seed(0)
+    n = 120
+    labels = (torch.arange(n) % 3 == 0).long()  # 40 positives
+    probs = (0.3 * labels + 0.7 * torch.rand(n, generator=g)).double()
+    sex = (torch.arange(n) % 2).double()
+    age = torch.where(torch.arange(n) < 20, 40.0, torch.where(torch.arange(n) < 70, 60.0, 80.0)).double()
+    age[5] = float("nan")  # unknown age: in no band
+    found = subgroup_metrics(probs, labels, sex, age)
+    assert found["subgroup_sex_male_patients"] == 60 and found["subgroup_sex_female_patients"] == 60
+    assert found["subgroup_age_lt50_patients"] == 19 and found["subgroup_age_50_70_patients"] == 50 and found["subgroup_age_gt70_patients"] == 50
+    male = sex == 1
+    assert found["subgroup_sex_male_auroc"] == pytest.approx(binary_metrics(probs[male], labels[male])["auroc"])
+    assert found["subgroup_age_lt50_positives"] == int(labels[:20][torch.arange(20) != 5].sum()) < 10
+    assert "subgroup_age_lt50_auroc" not in found  # fewer than 10 positives: too small for a number
+
+    run = tmp_path / "runs" / "tjh" / "concare"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"test/auroc": 0.8, **{f"test/{k}": v for k, v in found.items()}}))
+    results = build(tmp_path / "runs", tmp_path / "results")
+    assert results["subgroups"]["tjh"]["ConCare"]["age_lt50"]["auroc"] is None
+    text = (tmp_path / "results" / "results.md").read_text()
+    assert f"| TJH mortality | ConCare | {100 * found['subgroup_sex_male_auroc']:.1f} (n 60, n+ 20) |" in text
+    assert f"too small (n 19, n+ {int(found['subgroup_age_lt50_positives'])})" in text
