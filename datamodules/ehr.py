@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset, Dataset
 from datamodules.sampling import BatchShard, make_loader
 from eagrl.data import mimic_iv, synthetic, tjh
 from eagrl.data.cohort import SPLITS, PreparedCohort
-from eagrl.data.features import DATASET_TASKS
+from eagrl.data.features import DATASET_TASKS, resolve_feature_names
 from eagrl.data.preprocess import (
     PREPROCESS_VERSION,
     cache_folder,
@@ -185,6 +185,9 @@ class EHRDataModule(L.LightningDataModule):
             followed); None: every train patient.
         eval_patients: ``test`` runs over a seeded subset of this many test patients, half of each outcome
             (CPU evaluations of the LLM methods: every method answers the same patients); None: all.
+        features: train and evaluate on these features only (the dataset's names or the answer parser's aliases,
+            e.g. ``[LDH, hs-CRP, lymphocyte %]`` on TJH); Sex and Age are always kept (ConCare's demographic
+            input). ConCare, the LLM text and the expert export follow it. None: every feature.
         predict_splits: the splits ``predict`` runs over (one dataloader each), e.g. ``[train, val]`` for
             stage 1's distillation.
     """
@@ -219,6 +222,7 @@ class EHRDataModule(L.LightningDataModule):
         predict_splits: list[Literal["train", "val", "test"]] = ["test"],  # noqa: B006 - jsonargparse needs a value
         train_patients: Optional[PositiveInt] = None,
         eval_patients: Optional[PositiveInt] = None,
+        features: Optional[list[str]] = None,
     ):
         super().__init__()
         if dataset not in DATASET_TASKS:
@@ -227,6 +231,7 @@ class EHRDataModule(L.LightningDataModule):
             raise EAGRLInputError(
                 f"data.task: unknown task {task!r} for dataset {dataset!r}, expected one of {list(DATASET_TASKS[dataset])}"
             )
+        self.features = None if features is None else resolve_feature_names(list(features), dataset)
         split = split or ("published" if dataset == "tjh" else "stratified")
         if split == "published" and dataset != "tjh":
             raise EAGRLInputError(f"data.split: 'published' exists only for tjh; use 'stratified' for {dataset}")
@@ -301,6 +306,8 @@ class EHRDataModule(L.LightningDataModule):
             options.update(split_ratios=list(self.hparams.split_ratios), split_seed=self.hparams.split_seed)
         if self.split == "file":
             options.update(split_file=str(self._split_file()))
+        if self.features is not None:
+            options.update(features=self.features)
         if self.dataset == "mimic_iv":
             options.update(max_steps=self.hparams.max_steps)  # chunk_size changes memory, not the result
             if self.task == "readmission":
@@ -319,6 +326,8 @@ class EHRDataModule(L.LightningDataModule):
             raw = mimic_iv.load_mimic_iv(source, hp.chunk_size, hp.max_steps, hp.progress, hp.observation_hours, level)
         if raw.num_samples == 0:
             raise EAGRLInputError(f"{self.dataset}: the cohort is empty after filtering")
+        if self.features is not None:
+            raw = raw.select_features(self.features)
         if self.split == "published":
             split = tjh.published_split(source, raw)
         elif self.split == "file":

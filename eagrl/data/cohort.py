@@ -67,6 +67,24 @@ class RawCohort:
             notes=self.notes,
         )
 
+    def select_features(self, names: list[str]) -> "RawCohort":
+        """The same samples with only the features ``names`` (the dataset's own names), in the dataset's order;
+        the demographics (Sex, Age) are always kept: ConCare reads them as its demographic token."""
+        wanted = set(names)
+        keep = [j for j, f in enumerate(self.features) if f.demographic or f.name in wanted]
+        return RawCohort(
+            dataset=self.dataset,
+            features=tuple(self.features[j] for j in keep),
+            sample_ids=self.sample_ids,
+            patient_ids=self.patient_ids,
+            offsets=self.offsets,
+            values=np.ascontiguousarray(self.values[:, keep]),
+            days=self.days,
+            labels=self.labels,
+            exclusion=self.exclusion,
+            notes=self.notes,
+        )
+
 
 @dataclass
 class NormStats:

@@ -202,3 +202,30 @@ SYNTHETIC_FEATURES: tuple[FeatureSpec, ...] = DEMOGRAPHICS + tuple(
 
 DATASET_FEATURES = {"tjh": TJH_FEATURES, "mimic_iv": MIMIC_FEATURES, "synthetic": SYNTHETIC_FEATURES}
 DATASET_TASKS = {"tjh": ("mortality",), "mimic_iv": ("mortality", "readmission"), "synthetic": ("mortality",)}
+
+
+def resolve_feature_names(wanted: list[str], dataset: str) -> list[str]:
+    """The dataset's own names of ``wanted`` (written as the names or as the answer parser's aliases, e.g. "LDH",
+    "hs-CRP", "lymphocyte %" on TJH), in the dataset's order. An unknown name raises ``EAGRLInputError`` listing
+    its close matches."""
+    import difflib
+
+    from eagrl.errors import EAGRLInputError
+    from eagrl.llm.parsing import FeatureMatcher, normalise_name
+
+    names = [f.name for f in DATASET_FEATURES[dataset]]
+    matcher = FeatureMatcher(names)
+    found, unknown = set(), []
+    for written in wanted:
+        name = matcher.match(written)
+        if name is None:
+            unknown.append(written)
+        else:
+            found.add(name)
+    if unknown:
+        by_key = {normalise_name(n): n for n in names} | {normalise_name(k): k for k in matcher.table}
+        hints = [f"{w!r} (close: {[by_key[c] for c in difflib.get_close_matches(normalise_name(w), list(by_key), n=3, cutoff=0.5)] or 'none'})" for w in unknown]
+        raise EAGRLInputError(f"data.features: unknown feature name(s) for {dataset}: {'; '.join(hints)}")
+    if not found:
+        raise EAGRLInputError("data.features: give at least one feature name (or leave it unset for every feature)")
+    return [n for n in names if n in found]

@@ -48,6 +48,8 @@ ALIASES = {
     "d dimer": "D-D dimer",
     "ddimer": "D-D dimer",
     "lymphocyte percentage": "(%)lymphocyte",
+    "lymphocyte %": "(%)lymphocyte",
+    "lymphocyte (%)": "(%)lymphocyte",
     "lymphocytes": "(%)lymphocyte",
     "lymphocyte": "(%)lymphocyte",
     "neutrophil percentage": "neutrophils(%)",

@@ -246,3 +246,23 @@ def test_tjh_concare_reaches_the_quality_bar(session_cache, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test/auroc"] >= 0.90 and metrics["test/auprc"] >= 0.90
+
+
+def test_a_feature_subset_fit_follows_the_named_labs(tmp_path, session_cache):
+    """Yan et al.'s three TJH labs, written as aliases: ConCare, its checkpoint and the expert export use only them."""
+    subset = '["LDH", "hs-CRP", "lymphocyte %"]'
+    result = run_cli("fit", "--config", "configs/tjh/concare.yaml", *SMOKE, "--data.init_args.features", subset,
+                     "--trainer.default_root_dir", str(tmp_path), cache=session_cache)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    wanted = ["Lactate dehydrogenase", "High sensitivity C-reactive protein", "(%)lymphocyte"]  # beside Sex and Age
+    hparams = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert sorted(hparams["feature_names"]) == sorted(wanted) and hparams["n_demographic"] == 2
+    records = [json.loads(line) for line in (tmp_path / "expert_attention.jsonl").read_text().splitlines()]
+    assert {name for r in records for name, _ in r["features"]} == set(wanted)
+    assert 0.0 <= json.loads((tmp_path / "metrics.json").read_text())["test/auroc"] <= 1.0
+
+
+def test_an_unknown_feature_name_lists_its_close_matches(capsys):
+    code, _, err = _main(capsys, "fit", "--config", "configs/tjh/concare.yaml", "--data.init_args.features", '["LDH", "albumen"]')
+    assert code == 2 and "Traceback" not in err
+    assert "data.features: unknown feature name(s) for tjh: 'albumen'" in err and "albumin" in err
