@@ -43,11 +43,15 @@ class NameListConstraint:
         if max_names < 1:
             raise ValueError(f"NameListConstraint: max_names must be >= 1, got {max_names}")
         self.root = _Node()
+        longest = 0
         for name in names:
             node = self.root
-            for token in tokenizer(" " + name, add_special_tokens=False)["input_ids"]:
+            tokens = tokenizer(" " + name, add_special_tokens=False)["input_ids"]
+            longest = max(longest, len(tokens))
+            for token in tokens:
                 node = node.children.setdefault(token, _Node())
             node.terminal = True
+        self.longest_list = max_names * (longest + 1)  # tokens of the longest allowed list and its end
         (self.comma,) = tokenizer(",", add_special_tokens=False)["input_ids"][:1]
         self.end = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id

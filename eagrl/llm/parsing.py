@@ -197,6 +197,8 @@ class FeatureMatcher:
             stripped = normalise_name(re.sub(r"\(.*?\)", " ", name))  # "neutrophils(%)" -> "neutrophils"
             table.setdefault(stripped, name)
         self.table = table
+        # names that hold a list separator (TJH's "pH (urine or blood sample, source not recorded)"): read whole
+        self.protected = [n for n in self.names if re.search(r"[,;\n]|\band\b", n)]
 
     def match(self, written: str) -> Optional[str]:
         key = normalise_name(written)
@@ -213,11 +215,15 @@ class FeatureMatcher:
         region = section(text, "Important Features")
         if region is None:
             return [], 0
+        for k, name in enumerate(self.protected):
+            region = re.sub(re.escape(name), f" \x00{k}\x00 ", region, flags=re.IGNORECASE)
         items = [item for item in re.split(r"[,;\n]|\band\b", region) if item.strip()]
         found: list[str] = []
         unknown = 0
         for item in items[:200]:  # a runaway list is cut, not walked forever
-            name = self.match(item)
+            whole = re.fullmatch(r"\s*\x00(\d+)\x00\s*", item)
+            protected = whole is not None and int(whole.group(1)) < len(self.protected)
+            name = self.protected[int(whole.group(1))] if protected else self.match(item)
             if name is None:
                 unknown += 1
             elif name not in found:

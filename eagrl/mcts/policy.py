@@ -84,9 +84,9 @@ class LLMPolicy:
     ):
         self.model, self.tokenizer, self.sampling, self.batch_size = model, tokenizer, sampling, batch_size
         self.reuse_prompt_cache, self.engine = reuse_prompt_cache, engine
-        self.feature_constraint = None
-        if feature_names is not None:
-            NameListConstraint(tokenizer, feature_names, max_features)  # fails now on bad settings, not mid-search
+        self.feature_constraint, self.feature_tokens = None, 0
+        if feature_names is not None:  # built once now: bad settings fail here, not mid-search
+            self.feature_tokens = NameListConstraint(tokenizer, feature_names, max_features).longest_list
             self.feature_constraint = lambda: NameListConstraint(tokenizer, feature_names, max_features)
         self.cache: PromptCache | None = None
 
@@ -124,7 +124,9 @@ class LLMPolicy:
         final = self.sampling.final
         questions = self._generate(owners, tails, final, FINAL_QUESTION_STOPS)
         feature_tails = [t + q.text.rstrip() + "\n<Important Features>" for t, q in zip(tails, questions)]
-        features = self._generate(owners, feature_tails, final, FEATURE_STOPS, self.feature_constraint)
+        # a constrained list always has room to end: never cut after a comma or inside a name
+        room = replace(final, max_new_tokens=max(final.max_new_tokens, self.feature_tokens))
+        features = self._generate(owners, feature_tails, room, FEATURE_STOPS, self.feature_constraint)
         answer_tails = [t + f.text.rstrip() + "\n<Final Answer>" for t, f in zip(feature_tails, features)]
         short = replace(final, max_new_tokens=min(final.max_new_tokens, FINAL_ANSWER_TOKENS), min_new_tokens=0)
         answers = self._generate(owners, answer_tails, short, FINAL_ANSWER_STOPS)

@@ -117,3 +117,21 @@ def test_sft_data_balances_and_falls_back_when_one_outcome_is_kept(tmp_path, tjh
     with caplog.at_level("WARNING"):
         dm.setup()
     assert len(dm.examples["train"]) == 5 and "all of one outcome" in caplog.text
+
+
+def test_constrained_features_name_only_dataset_variables(distilled, tmp_path, expert, session_cache, models):
+    """constrain_features: the tiny random model's <Important Features> become lists of TJH's names (free, it names none),
+    so R_att can be > 0 and the search can select for it (with 73 names and a random model, none may match here)."""
+    from eagrl.data.features import DATASET_FEATURES
+    from eagrl.llm.parsing import FeatureMatcher
+
+    free = [json.loads(line) for line in (distilled / "trajectories.jsonl").read_text().splitlines()]
+    assert all(r["features"] == [] for r in free)
+    result = _distill(tmp_path, expert, session_cache, models, "--model.init_args.constrain_features", "true", "--model.init_args.max_features", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    constrained = [json.loads(line) for line in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
+    matcher = FeatureMatcher([f.name for f in DATASET_FEATURES["tjh"]])
+    for record in constrained:
+        named, unknown = matcher.parse(record["trajectory"])  # TJH's pH name holds a comma: read whole
+        assert 1 <= len(named) <= 3 and unknown == 0, record["trajectory"][-300:]
+        assert record["features"] == named

@@ -280,3 +280,10 @@ def test_expert_attention_reading(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": 1}\n')
     with pytest.raises(EAGRLInputError, match="line 1: not an expert attention record"):
         load_expert_attention(tmp_path / "bad.jsonl", TJH_NAMES)
+
+
+def test_a_feature_name_holding_a_comma_is_read_whole():
+    matcher = FeatureMatcher(TJH_NAMES)
+    text = "<Important Features> pH (urine or blood sample, source not recorded), LDH\n<Final Answer> 0.4"
+    assert matcher.parse(text) == (["pH (urine or blood sample, source not recorded)", "Lactate dehydrogenase"], 0)
+    assert matcher.parse("<Important Features> LDH, \x007\x00, \x000\x00") == (["Lactate dehydrogenase"], 2)  # never raises
