@@ -215,6 +215,7 @@ class FeatureMatcher:
         region = section(text, "Important Features")
         if region is None:
             return [], 0
+        region = region.replace("\x00", " ")  # the placeholder below is never the model's own text
         for k, name in enumerate(self.protected):
             region = re.sub(re.escape(name), f" \x00{k}\x00 ", region, flags=re.IGNORECASE)
         items = [item for item in re.split(r"[,;\n]|\band\b", region) if item.strip()]
