@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Subset, Dataset
 
 from datamodules.sampling import BatchShard, make_loader
 from eagrl.data import mimic_iv, synthetic, tjh
-from eagrl.data.cohort import SPLITS, PreparedCohort
+from eagrl.data.cohort import SPLITS, NormStats, PreparedCohort, RawCohort
 from eagrl.data.features import DATASET_TASKS, resolve_feature_names
 from eagrl.data.preprocess import (
     PREPROCESS_VERSION,
@@ -37,6 +38,29 @@ from eagrl.errors import EAGRLInputError
 from eagrl.paths import cache_dir, data_dir
 
 log = logging.getLogger(__name__)
+
+UNIT_RATIO = 10.0  # a cohort median this many times off the training median (either way) is warned about
+
+
+def unit_warnings(raw: RawCohort, stats: NormStats) -> list[str]:
+    """One line per non-binary feature whose median in ``raw`` is more than ``UNIT_RATIO`` times off (either way)
+    the training median in ``stats``: the units may differ. Features either cohort never measured, or with a
+    median of 0, are not compared."""
+    lines = []
+    for j, spec in enumerate(raw.features):
+        column = raw.values[:, j].astype(np.float64)  # [R]
+        column = column[~np.isnan(column)]
+        trained = float(stats.median[j])
+        if spec.binary or column.size == 0 or not np.isfinite(trained) or trained == 0:
+            continue
+        here = float(np.median(column))
+        ratio = abs(here / trained)
+        if here != 0 and (ratio > UNIT_RATIO or ratio < 1 / UNIT_RATIO):
+            lines.append(
+                f"data: feature {spec.name!r} has median {here:.4g} in this cohort and {trained:.4g} in the model's training "
+                f"cohort ({ratio:.3g}x): check that its unit is {spec.unit or 'the same'}"
+            )
+    return lines
 
 
 class EHRDataset(Dataset):
@@ -146,9 +170,19 @@ class EHRDataModule(L.LightningDataModule):
         mimic_dir: the MIMIC-IV folder (with ``hosp/`` and ``icu/``), relative to ``data_dir`` or absolute.
             Point it at a full MIMIC-IV v2.2/v3.1 folder to use the full database.
         cache_dir: cache root (default: ``$EAGRL_CACHE_DIR`` or ``~/.cache/eagrl``).
+        cohort_file: TJH only: a cohort file in the TJH spreadsheet schema (xlsx, or csv by its suffix), read instead
+            of the shipped spreadsheet: another hospital's patients. ``PATIENT_ID``, ``RE_DATE`` and ``outcome`` are
+            needed; a lacking feature column stops the run naming it, unless ``allow_missing_features``.
+        allow_missing_features: a cohort that lacks some of the model's features is scored with them as never
+            measured (ConCare: imputed with the training statistics; the LLM: left out of the text). A warning names
+            them once with the fraction of the model's features present; ``metrics.json`` records both
+            (``data/absent_features``, ``data/features_present``).
+        date_format: the strftime pattern of the cohort file's dates (e.g. ``"%d.%m.%Y %H:%M"``); None: inferred.
         split: ``published`` (TJH's ClinicRealm split), ``stratified`` (seeded, patient-level, stratified on
-            mortality, so both MIMIC-IV tasks share it) or ``file`` (``split_file``). Default: published for
-            TJH, stratified for MIMIC-IV. Every split is made before the cohort's exclusions and written to
+            mortality, so both MIMIC-IV tasks share it), ``file`` (``split_file``) or ``all`` (every patient is a
+            test patient: external validation of a checkpoint; normalisation and imputation come from the
+            checkpoint's training cohort, never from this one). Default: published for the shipped TJH file,
+            stratified otherwise. Every split is made before the cohort's exclusions and written to
             ``split.csv`` in the cache folder (``summary`` prints where).
         split_file: with ``split: file``, a CSV with columns ``id,patient,split`` (such a ``split.csv``) or
             ``PATIENT_ID,split``, naming every sample of the cohort before exclusions.
@@ -198,8 +232,11 @@ class EHRDataModule(L.LightningDataModule):
         task: str = "mortality",
         data_dir: Optional[str] = None,
         mimic_dir: str = "mimic-iv-demo",
+        cohort_file: Optional[str] = None,
+        allow_missing_features: bool = False,
+        date_format: Optional[str] = None,
         cache_dir: Optional[str] = None,
-        split: Optional[Literal["published", "stratified", "file"]] = None,
+        split: Optional[Literal["published", "stratified", "file", "all"]] = None,
         split_file: Optional[str] = None,
         split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
         split_seed: int = 42,
@@ -232,9 +269,15 @@ class EHRDataModule(L.LightningDataModule):
                 f"data.task: unknown task {task!r} for dataset {dataset!r}, expected one of {list(DATASET_TASKS[dataset])}"
             )
         self.features = None if features is None else resolve_feature_names(list(features), dataset)
-        split = split or ("published" if dataset == "tjh" else "stratified")
+        for key, value in {"cohort_file": cohort_file, "date_format": date_format}.items():
+            if value is not None and dataset != "tjh":
+                hint = "; for a MIMIC-IV folder use data.mimic_dir" if dataset == "mimic_iv" else ""
+                raise EAGRLInputError(f"data.{key} applies to a cohort file in the TJH schema (dataset tjh), not {dataset!r}{hint}")
+        split = split or ("published" if dataset == "tjh" and cohort_file is None else "stratified")
         if split == "published" and dataset != "tjh":
             raise EAGRLInputError(f"data.split: 'published' exists only for tjh; use 'stratified' for {dataset}")
+        if split == "published" and cohort_file is not None:
+            raise EAGRLInputError("data.split: 'published' names the shipped TJH file's patients; a data.cohort_file takes 'all', 'stratified' or 'file'")
         if (split == "file") != (split_file is not None):
             raise EAGRLInputError("data.split_file: give a split file exactly when data.split is 'file'")
         window = {"observation_hours": observation_hours, "observation_days": observation_days}
@@ -260,11 +303,19 @@ class EHRDataModule(L.LightningDataModule):
         self.cohort: PreparedCohort | None = None
         self.datasets: dict[str, EHRDataset] = {}
         self.text_options = {"style": text_style, "max_visits": max_visits, "shuffle_fraction": shuffle_fraction, "shuffle_seed": shuffle_seed}
+        self.training_statistics: dict[str, Any] | None = None  # split all: the checkpoint's (load_state_dict)
+        self.input_report: dict[str, Any] = {}  # what metrics.json records about the input (absent features, units)
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------------------ preprocessing
     def _source_dir(self) -> Path:
         if self.dataset == "synthetic":  # generated: nothing is read
             return Path("generated")
+        if self.hparams.cohort_file is not None:
+            path = Path(self.hparams.cohort_file).expanduser()
+            if not path.is_file():
+                raise EAGRLInputError(f"data.cohort_file: {path} does not exist (expected a TJH-schema xlsx or csv)")
+            return path.resolve()
         root = data_dir(self.hparams.data_dir)
         if self.dataset == "tjh":
             return root
@@ -308,6 +359,8 @@ class EHRDataModule(L.LightningDataModule):
             options.update(split_file=str(self._split_file()))
         if self.features is not None:
             options.update(features=self.features)
+        if self.hparams.cohort_file is not None:
+            options.update(allow_missing_features=self.hparams.allow_missing_features, date_format=self.hparams.date_format)
         if self.dataset == "mimic_iv":
             options.update(max_steps=self.hparams.max_steps)  # chunk_size changes memory, not the result
             if self.task == "readmission":
@@ -317,7 +370,10 @@ class EHRDataModule(L.LightningDataModule):
     def _build(self, source: Path, folder: Path) -> PreparedCohort:
         """Read the whole cohort, split it (before exclusions), write ``split.csv``, drop the excluded samples."""
         hp = self.hparams
-        if self.dataset == "tjh":
+        if self.dataset == "tjh" and hp.cohort_file is not None:
+            model_features = None if self.features is None else ["Sex", "Age", *self.features]
+            raw = tjh.load_tjh(source.parent, hp.observation_days, source, model_features, hp.allow_missing_features, hp.date_format)
+        elif self.dataset == "tjh":
             raw = tjh.load_tjh(source, hp.observation_days)
         elif self.dataset == "synthetic":
             raw = synthetic.load_synthetic(hp.synthetic_patients, hp.synthetic_seed)
@@ -328,7 +384,9 @@ class EHRDataModule(L.LightningDataModule):
             raise EAGRLInputError(f"{self.dataset}: the cohort is empty after filtering")
         if self.features is not None:
             raw = raw.select_features(self.features)
-        if self.split == "published":
+        if self.split == "all":
+            split = np.full(raw.num_samples, "test")
+        elif self.split == "published":
             split = tjh.published_split(source, raw)
         elif self.split == "file":
             split = read_split_file(self._split_file(), raw)
@@ -345,12 +403,18 @@ class EHRDataModule(L.LightningDataModule):
         }
         if not kept.any():
             raise EAGRLInputError(f"{self.dataset}: every sample is excluded by the cohort rules ({meta['exclusions']})")
+        if self.split == "all":  # normalised later with the checkpoint's training statistics (load_state_dict)
+            meta["statistics"] = "the model's training cohort (from the checkpoint)"
+            return prepare(raw.subset(kept), split[kept], meta=meta, stats=NormStats.none(len(raw.features)))
         return prepare(raw.subset(kept), split[kept], meta=meta)
 
     def load_cohort(self) -> PreparedCohort:
         """Load the cached cohort, preprocessing first when the cache is missing or stale."""
         source = self._source_dir()
-        sources = {"tjh": tjh.source_files, "mimic_iv": mimic_iv.source_files, "synthetic": lambda _: []}[self.dataset](source)
+        if self.hparams.cohort_file is not None:
+            sources = [source]
+        else:
+            sources = {"tjh": tjh.source_files, "mimic_iv": mimic_iv.source_files, "synthetic": lambda _: []}[self.dataset](source)
         sources += [p for p in [self._split_file()] if p is not None]
         options, root = self._options(source), cache_dir(self.hparams.cache_dir)
         folder = cache_folder(root, self.dataset, options)
@@ -364,10 +428,81 @@ class EHRDataModule(L.LightningDataModule):
         self.cohort = self.load_cohort()
 
     def setup(self, stage: str | None = None) -> None:
+        if self.split == "all" and stage == "fit":
+            raise EAGRLInputError("data.split all makes every patient a test patient: use it with `test` and --ckpt_path, not `fit`")
         if self.cohort is None:
             self.cohort = self.load_cohort()
+        self._report_absent_features()
+        if self.split == "all" and self.training_statistics is not None and self.cohort.meta.get("statistics_applied") is None:
+            self._apply_training_statistics()
         for split in SPLITS:
             self.datasets[split] = EHRDataset(self.cohort, split, self.task, self.text_options)
+
+    # ------------------------------------------------------------------------- external cohorts
+    def _report_absent_features(self) -> None:
+        """Features of the model the cohort file lacks: left out of the LLM's text, warned about once, recorded."""
+        absent = list(self.cohort.raw.notes.get("absent_features", []))
+        if not absent:
+            return
+        dynamic = {f.name for f in self.cohort.raw.features if not f.demographic}
+        self.text_options["omit"] = [name for name in absent if name in dynamic]  # Sex/Age: "unknown" in the header
+        n_model = len(self.cohort.raw.features)
+        present = (n_model - len(absent)) / n_model
+        self.input_report.update({"data/absent_features": absent, "data/features_present": present})
+        if "absent" not in self._warned:
+            self._warned.add("absent")
+            rank_zero_warn(
+                f"data: the cohort lacks {len(absent)} of the model's {n_model} features ({', '.join(absent)}); they are "
+                f"scored as never measured; {present:.0%} of the model's features are present"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: the training cohort's feature names and normalisation/imputation
+        statistics, so that ``split: all`` scores an external cohort with them."""
+        if self.training_statistics is not None and self.split == "all":
+            return {"training_statistics": self.training_statistics}
+        if self.cohort is None or self.split == "all":
+            return {}
+        return {"training_statistics": {"dataset": self.dataset, "features": self.cohort.raw.feature_names, **self.cohort.stats.as_lists()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.training_statistics = state_dict.get("training_statistics")
+        if self.split == "all" and self.cohort is not None and self.training_statistics is not None:
+            self._apply_training_statistics()
+            for split in SPLITS:
+                self.datasets[split] = EHRDataset(self.cohort, split, self.task, self.text_options)
+
+    def _apply_training_statistics(self) -> None:
+        """Normalise and impute the (``split: all``) cohort with the checkpoint's training statistics; warn about
+        a feature whose median is more than 10x off the training cohort's (other units?)."""
+        saved, raw = self.training_statistics, self.cohort.raw
+        if list(saved["features"]) != raw.feature_names:
+            extra = sorted(set(raw.feature_names) - set(saved["features"]))
+            lacking = sorted(set(saved["features"]) - set(raw.feature_names))
+            raise EAGRLInputError(
+                f"data.split all: the checkpoint was trained on {len(saved['features'])} features, this cohort has "
+                f"{len(raw.feature_names)} (not in the checkpoint: {extra[:5]}; not in this cohort: {lacking[:5]}): give the "
+                "training run's data.features"
+            )
+        stats = NormStats(*(np.asarray(saved[k], dtype=np.float64) for k in ("mean", "std", "median")))
+        self.cohort = prepare(raw, self.cohort.split, meta={**self.cohort.meta, "statistics_applied": True}, stats=stats)
+        warnings_ = unit_warnings(raw, stats)
+        if warnings_:
+            self.input_report["data/unit_warnings"] = warnings_
+        for line in warnings_:
+            if line not in self._warned:
+                self._warned.add(line)
+                rank_zero_warn(line)
+
+    def require_training_statistics(self) -> None:
+        """Under ``split: all``, stop with one line unless the checkpoint gave the training statistics (models
+        that read normalised inputs call this when testing starts)."""
+        if self.split == "all" and self.training_statistics is None:
+            raise EAGRLInputError(
+                "data.split all: the normalisation and imputation of an external cohort come from the model's training "
+                "cohort, and this checkpoint does not hold them (saved before eagrl kept them, or no --ckpt_path): "
+                "refit the model, or test on the cohort's own split"
+            )
 
     # ------------------------------------------------------------------------------------ loaders
     def _loader(self, split: str, shuffle: bool, size: Optional[int] = None, batch_size: Optional[int] = None) -> DataLoader:

@@ -147,6 +147,7 @@ class MetricsJsonWriter(L.Callback):
         for name, value in trainer.callback_metrics.items():
             number = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
             metrics[name] = number if math.isfinite(number) else None
+        metrics.update(getattr(trainer.datamodule, "input_report", None) or {})  # an external cohort: absent features, units
         info = getattr(pl_module, "generation_info", None) if pl_module is not None else None
         if info:  # how an LLM stage generated: dtype (and how it was chosen), prefill chunk, cache, batch size
             metrics["generation"] = info

@@ -117,6 +117,12 @@ class ConCareModule(L.LightningModule):
                 "--data.init_args.rebuild_cache true; if it persists this is a preprocessing bug)"
             )
 
+    def on_test_start(self) -> None:
+        """An external cohort (``split: all``) is normalised with the training statistics the checkpoint holds."""
+        require = getattr(self.trainer.datamodule, "require_training_statistics", None)
+        if require is not None:
+            require()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint trained on another feature set, listing the mismatch."""
         saved = checkpoint.get("hyper_parameters", {}).get("feature_names")

@@ -94,6 +94,16 @@ class NormStats:
     std: np.ndarray  # [F] float64 (1 for binary features)
     median: np.ndarray  # [F] float64, raw units; NaN when train never measured the feature
 
+    @classmethod
+    def none(cls, n_features: int) -> "NormStats":
+        """Placeholder statistics (mean 0, std 1, no median) of a cohort whose statistics come later, from the
+        model's training cohort (``split: all``)."""
+        return cls(np.zeros(n_features), np.ones(n_features), np.full(n_features, np.nan))
+
+    def as_lists(self) -> dict[str, list[float]]:
+        """Plain lists (what a checkpoint holds, loadable with ``weights_only=True``)."""
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "median": self.median.tolist()}
+
 
 @dataclass
 class PreparedCohort:

@@ -150,11 +150,14 @@ def impute_forward_then_fill(values: np.ndarray, offsets: np.ndarray, fill: np.n
     return out
 
 
-def prepare(raw: RawCohort, split: np.ndarray, meta: dict[str, Any] | None = None) -> PreparedCohort:
-    for name in SPLITS:
-        if not (split == name).any():
-            raise EAGRLInputError(f"the {name} split of dataset {raw.dataset!r} is empty: check split / split_ratios")
-    stats = train_statistics(raw, split)
+def prepare(raw: RawCohort, split: np.ndarray, meta: dict[str, Any] | None = None, stats: NormStats | None = None) -> PreparedCohort:
+    """Normalise and impute ``raw`` with the train statistics of ``split``, or with ``stats`` when given (an
+    external cohort scored with ``split: all`` takes the model's training statistics, never its own)."""
+    if stats is None:
+        for name in SPLITS:
+            if not (split == name).any():
+                raise EAGRLInputError(f"the {name} split of dataset {raw.dataset!r} is empty: check split / split_ratios")
+        stats = train_statistics(raw, split)
     normalised = ((raw.values - stats.mean) / stats.std).astype(np.float32)  # [R, F]
     fill = (stats.median - stats.mean) / stats.std  # [F], normalised train median
     imputed = impute_forward_then_fill(normalised, raw.offsets, fill)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -234,8 +234,10 @@ def serialize_patient(
     shuffle_fraction: float = 0.0,
     shuffle_seed: int = 0,
     style: TextStyle = "paper",
+    omit: Sequence[str] = (),
 ) -> str:
-    """Text for one sample. values: [T, F] raw with NaN; days: [T]; features: the F specs."""
+    """Text for one sample. values: [T, F] raw with NaN; days: [T]; features: the F specs; ``omit``: names of
+    features left out (those an external cohort lacks: ``data.allow_missing_features``)."""
     if style not in TEXT_STYLES:
         raise EAGRLInputError(f"text style {style!r} is unknown: expected one of {list(TEXT_STYLES)}")
     if max_visits is not None:
@@ -243,7 +245,7 @@ def serialize_patient(
             raise EAGRLInputError(f"max_visits must be a positive number of visits, got {max_visits}")
         values, days = values[-max_visits:], days[-max_visits:]
     names = [f.name for f in features]
-    dynamic = [j for j, f in enumerate(features) if not f.demographic]
+    dynamic = [j for j, f in enumerate(features) if not f.demographic and f.name not in omit]
     order = [dynamic[p] for p in shuffled_order(len(dynamic), shuffle_fraction, shuffle_seed, sample_id)]
     if style == "compact":
         body = _compact_lines(values, features, order, float(values[0, names.index("Sex")]))

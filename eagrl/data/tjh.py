@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from eagrl.data.cohort import RawCohort
-from eagrl.data.features import TJH_DROPPED_COLUMNS, TJH_FEATURES, TJH_LABS
+from eagrl.data.features import TJH_DISPLAY_NAMES, TJH_DROPPED_COLUMNS, TJH_FEATURES, TJH_LABS
 from eagrl.data.preprocess import read_split_file
 from eagrl.errors import EAGRLInputError
 from eagrl.paths import require_file
@@ -40,19 +40,46 @@ def source_files(data_dir: Path) -> list[Path]:
     return [data_dir / RAW_FILE]
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read the xlsx with one clear error when it is not a spreadsheet or lacks a needed column."""
-    require_file(path, "TJH raw spreadsheet")
+def read_table(path: Path, features: list[str] | None = None, allow_missing: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Read the spreadsheet (xlsx, or csv by its suffix) with one clear error when it cannot be read or lacks a
+    column. ``PATIENT_ID``, ``RE_DATE`` and ``outcome`` are always needed; of the feature columns (``age``,
+    ``gender`` and the labs) those of ``features`` (the dataset's feature names; None: all). With
+    ``allow_missing`` a lacking feature column is added empty. Returns the frame and the names of the features
+    whose column was lacking (empty unless ``allow_missing``)."""
+    require_file(path, "TJH-schema cohort file")
     try:
-        frame = pd.read_excel(path)
+        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_excel(path)
     except Exception as err:  # openpyxl raises several unrelated types for a non-xlsx file
-        raise EAGRLInputError(f"{path}: cannot be read as an xlsx spreadsheet ({type(err).__name__}: {err})") from err
+        kind = "CSV" if path.suffix.lower() == ".csv" else "an xlsx spreadsheet"
+        raise EAGRLInputError(f"{path}: cannot be read as {kind} ({type(err).__name__}: {err})") from err
     frame.columns = [str(c).strip() for c in frame.columns]
-    needed = [ID, DATE, AGE, GENDER, OUTCOME] + [name for name, _, _ in TJH_LABS]
-    missing = [c for c in needed if c not in frame.columns]
+    missing = [c for c in (ID, DATE, OUTCOME) if c not in frame.columns]
     if missing:
         raise EAGRLInputError(f"{path}: missing required column(s) {missing}")
-    return frame
+    column_of = {"Sex": GENDER, "Age": AGE} | {TJH_DISPLAY_NAMES.get(n, n): n for n, _, _ in TJH_LABS}  # feature -> column
+    wanted = [name for name in column_of if features is None or name in features]
+    lacking = [name for name in wanted if column_of[name] not in frame.columns]
+    if lacking and not allow_missing:
+        raise EAGRLInputError(
+            f"{path}: missing feature column(s) {[column_of[n] for n in lacking]}; pass --data.init_args.allow_missing_features "
+            "true to score the cohort with them as never measured"
+        )
+    for name, column in column_of.items():
+        if column not in frame.columns:
+            frame[column] = np.nan  # lacking, or outside the selected features (dropped later)
+    return frame, lacking
+
+
+def parse_dates(frame: pd.DataFrame, column: str, path: Path, date_format: str | None = None) -> pd.Series:
+    """``column`` as datetimes (``date_format``: a strftime pattern, else inferred per value); an empty cell is
+    NaT, a written value that is not a date is one error naming the column, an example and ``data.date_format``."""
+    text = frame[column]
+    parsed = pd.to_datetime(text, errors="coerce", format=date_format or "mixed")
+    bad = parsed.isna() & text.notna() & (text.astype(str).str.strip() != "")
+    if bad.any():
+        hint = f"does not match data.date_format {date_format!r}" if date_format else "is not a date pandas can read; give data.date_format"
+        raise EAGRLInputError(f"{path}: column {column!r} value {text[bad].iloc[0]!r} {hint} ({int(bad.sum())} row(s))")
+    return parsed
 
 
 def _numeric(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
@@ -66,25 +93,33 @@ def _numeric(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
     return values
 
 
-def _discharge(frame: pd.DataFrame, path: Path) -> pd.Series | None:
+def _discharge(frame: pd.DataFrame, path: Path, date_format: str | None = None) -> pd.Series | None:
     """Per-row discharge (or death) time, or None when the file has no such column."""
     if DISCHARGE not in frame.columns:
         return None
-    parsed = pd.to_datetime(frame[DISCHARGE], errors="coerce")
-    bad = parsed.isna() & frame[DISCHARGE].notna()
-    if bad.any():
-        raise EAGRLInputError(f"{path}: column {DISCHARGE!r} must hold dates, found {frame.loc[bad, DISCHARGE].iloc[0]!r}")
+    parsed = parse_dates(frame, DISCHARGE, path, date_format)
     return parsed.groupby(frame[ID]).transform("first")
 
 
-def load_tjh(data_dir: Path, observation_days: int | None = None, raw_file: str = RAW_FILE) -> RawCohort:
-    """Every patient with a dated record (excluded ones with no rows and their reason; see the module docstring)."""
+def load_tjh(
+    data_dir: Path,
+    observation_days: int | None = None,
+    raw_file: str | Path = RAW_FILE,
+    features: list[str] | None = None,
+    allow_missing: bool = False,
+    date_format: str | None = None,
+) -> RawCohort:
+    """Every patient with a dated record (excluded ones with no rows and their reason; see the module docstring).
+
+    ``raw_file``: relative to ``data_dir`` or absolute (an external cohort in the TJH schema). ``features``,
+    ``allow_missing``: see ``read_table``; the features whose column the file lacks are in ``notes["absent_features"]``.
+    """
     if observation_days is not None and observation_days <= 0:
         raise EAGRLInputError(f"observation_days must be a positive number of days, got {observation_days}")
     path = data_dir / raw_file
-    frame = read_table(path)
+    frame, absent = read_table(path, features, allow_missing)
     frame[ID] = frame[ID].ffill()
-    frame[DATE] = pd.to_datetime(frame[DATE], errors="coerce")
+    frame[DATE] = parse_dates(frame, DATE, path, date_format)
     frame = frame[frame[DATE].notna() & frame[ID].notna()].copy()
     if frame.empty:
         raise EAGRLInputError(f"{path}: no rows with both {ID} and {DATE}: the cohort is empty")
@@ -98,8 +133,8 @@ def load_tjh(data_dir: Path, observation_days: int | None = None, raw_file: str 
     patients = per_patient.index.to_numpy()  # sorted, every patient with a dated record
 
     frame["day_date"] = frame[DATE].dt.normalize()
-    discharge = _discharge(frame, path)
-    notes: dict = {}
+    discharge = _discharge(frame, path, date_format)
+    notes: dict = {"absent_features": absent} if absent else {}
     if discharge is None:
         notes["post_discharge_rule"] = f"skipped: the file has no {DISCHARGE!r} column"
         discharge = pd.Series(pd.NaT, index=frame.index)
@@ -128,7 +163,8 @@ def load_tjh(data_dir: Path, observation_days: int | None = None, raw_file: str 
     counts = pd.Series(ids).value_counts().reindex(patients).fillna(0).to_numpy(np.int64)
     offsets = np.zeros(len(patients) + 1, np.int64)
     offsets[1:] = np.cumsum(counts)
-    sex = (per_patient["gender"].to_numpy() == 1).astype(np.float32)  # 1 male, 2 female -> 1, 0
+    gender = per_patient["gender"].to_numpy(np.float64)
+    sex = np.where(np.isnan(gender), np.nan, gender == 1).astype(np.float32)  # 1 male, 2 female -> 1, 0; unknown NaN
     age = per_patient["age"].to_numpy(np.float32)
     demo = np.repeat(np.stack([sex, age], axis=1), counts, axis=0)  # [R, 2]
     values = np.concatenate([demo, daily.to_numpy(np.float32)], axis=1)  # [R, 75]

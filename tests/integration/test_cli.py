@@ -248,18 +248,89 @@ def test_tjh_concare_reaches_the_quality_bar(session_cache, tmp_path):
     assert metrics["test/auroc"] >= 0.90 and metrics["test/auprc"] >= 0.90
 
 
-def test_a_feature_subset_fit_follows_the_named_labs(tmp_path, session_cache):
-    """Yan et al.'s three TJH labs, written as aliases: ConCare, its checkpoint and the expert export use only them."""
-    subset = '["LDH", "hs-CRP", "lymphocyte %"]'
-    result = run_cli("fit", "--config", "configs/tjh/concare.yaml", *SMOKE, "--data.init_args.features", subset,
-                     "--trainer.default_root_dir", str(tmp_path), cache=session_cache)  # fmt: skip
+@pytest.fixture(scope="module")
+def subset_run(tmp_path_factory, session_cache) -> Path:
+    """A ConCare smoke fit on Yan et al.'s three TJH labs (written as aliases) through the real CLI."""
+    root = tmp_path_factory.mktemp("concare-subset")
+    result = run_cli("fit", "--config", "configs/tjh/concare.yaml", *SMOKE, "--data.init_args.features", '["LDH", "hs-CRP", "lymphocyte %"]',
+                     "--trainer.default_root_dir", str(root), cache=session_cache)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_a_feature_subset_fit_follows_the_named_labs(subset_run):
+    """ConCare, its checkpoint and the expert export use only the named labs."""
     wanted = ["Lactate dehydrogenase", "High sensitivity C-reactive protein", "(%)lymphocyte"]  # beside Sex and Age
-    hparams = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    hparams = torch.load(subset_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
     assert sorted(hparams["feature_names"]) == sorted(wanted) and hparams["n_demographic"] == 2
-    records = [json.loads(line) for line in (tmp_path / "expert_attention.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (subset_run / "expert_attention.jsonl").read_text().splitlines()]
     assert {name for r in records for name, _ in r["features"]} == set(wanted)
-    assert 0.0 <= json.loads((tmp_path / "metrics.json").read_text())["test/auroc"] <= 1.0
+    assert 0.0 <= json.loads((subset_run / "metrics.json").read_text())["test/auroc"] <= 1.0
+
+
+def _external_cohort(path: Path, ldh_scale: float = 1.0, patients: int = 40) -> Path:
+    """Another hospital's cohort, made up by code (no patient of any dataset): only three labs, no age or sex, no
+    discharge time, day-first dates. LDH, hs-CRP and lymphocyte % separate the outcomes, as in TJH."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(patients):
+        died = p % 2
+        for day in range(1 + p % 3):
+            rows.append({
+                "PATIENT_ID": 1000 + p, "RE_DATE": f"{3 + day:02d}.02.2020 {8 + p % 10}:15", "outcome": died,
+                "Lactate dehydrogenase": ldh_scale * rng.normal(650 if died else 220, 40),
+                "High sensitivity C-reactive protein": rng.normal(120 if died else 5, 3),
+                "(%)lymphocyte": rng.normal(4 if died else 28, 2),
+            })  # fmt: skip
+    pd.DataFrame(rows).to_excel(path, index=False)
+    return path
+
+
+def test_an_external_cohort_with_three_labs_is_scored_by_a_checkpoint(subset_run, session_cache, tmp_path):
+    """External validation (issue 18): a spreadsheet with three labs, no age or sex and other dates, under
+    ``split: all``, normalised with the checkpoint's training statistics."""
+    cohort = _external_cohort(tmp_path / "other_hospital.xlsx")
+    args = ["--config", "configs/tjh/concare.yaml", *SMOKE, "--data.init_args.features", '["LDH", "hs-CRP", "lymphocyte %"]',
+            "--data.init_args.cohort_file", str(cohort), "--data.init_args.date_format", "%d.%m.%Y %H:%M", "--data.init_args.split", "all"]  # fmt: skip
+    ckpt = ["--ckpt_path", str(subset_run / "checkpoints" / "best.ckpt")]
+    refused = run_cli("test", *args, *ckpt, "--trainer.default_root_dir", str(tmp_path / "refused"), cache=session_cache)
+    assert refused.returncode == 2 and "missing feature column(s) ['gender', 'age']" in refused.stderr
+    assert "allow_missing_features" in refused.stderr and "Traceback" not in refused.stderr
+
+    args += ["--data.init_args.allow_missing_features", "true"]
+    result = run_cli("test", *args, *ckpt, "--trainer.default_root_dir", str(tmp_path / "scored"), cache=session_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the cohort lacks 2 of the model's 5 features (Sex, Age)" in result.stderr and "60%" in result.stderr
+    assert "has median" not in result.stderr  # same units: no unit warning
+    metrics = json.loads((tmp_path / "scored" / "metrics.json").read_text())
+    assert metrics["data/absent_features"] == ["Sex", "Age"] and metrics["data/features_present"] == pytest.approx(0.6)
+    assert 0.0 <= metrics["test/auroc"] <= 1.0
+    assert len((tmp_path / "scored" / "expert_attention.jsonl").read_text().splitlines()) == 40  # every patient is a test patient
+
+    summary = run_cli("summary", *args, cache=session_cache)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    printed = json.loads(summary.stdout)
+    assert printed["splits"]["test"]["patients"] == 40 and printed["splits"]["train"]["patients"] == 0
+    assert printed["post_discharge_rule"] == "skipped: the file has no 'Discharge time' column"
+
+    state = torch.load(subset_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    stats = state["EHRDataModule"]["training_statistics"]
+    assert sorted(stats["features"]) == sorted(["Sex", "Age", "(%)lymphocyte", "Lactate dehydrogenase", "High sensitivity C-reactive protein"])
+    assert len(stats["mean"]) == len(stats["std"]) == len(stats["median"]) == 5
+    del state["EHRDataModule"]  # a checkpoint saved before the statistics were kept
+    torch.save(state, tmp_path / "old.ckpt")
+    old = run_cli("test", *args, "--ckpt_path", str(tmp_path / "old.ckpt"), "--trainer.default_root_dir", str(tmp_path / "old"), cache=session_cache)
+    assert old.returncode == 2 and "this checkpoint does not hold them" in old.stderr and "Traceback" not in old.stderr
+
+    other_units = _external_cohort(tmp_path / "other_units.xlsx", ldh_scale=1 / 60)  # e.g. µkat/L instead of U/L
+    swapped = [a if a != str(cohort) else str(other_units) for a in args]
+    warned = run_cli("test", *swapped, *ckpt, "--trainer.default_root_dir", str(tmp_path / "units"), cache=session_cache)
+    assert warned.returncode == 0, warned.stderr[-3000:]
+    assert "feature 'Lactate dehydrogenase' has median" in warned.stderr and "check that its unit is U/L" in warned.stderr
+    units = json.loads((tmp_path / "units" / "metrics.json").read_text())["data/unit_warnings"]
+    assert len(units) == 1 and "Lactate dehydrogenase" in units[0]
 
 
 def test_an_unknown_feature_name_lists_its_close_matches(capsys):
