@@ -20,7 +20,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import DataLoader, Subset, Dataset
 
 from datamodules.sampling import BatchShard, make_loader
-from eagrl.data import mimic_iv, synthetic, tjh
+from eagrl.data import meds, mimic_iv, synthetic, tjh
 from eagrl.data.cohort import SPLITS, NormStats, PreparedCohort, RawCohort
 from eagrl.data.features import DATASET_TASKS, resolve_feature_names
 from eagrl.data.preprocess import (
@@ -163,13 +163,21 @@ class EHRDataModule(L.LightningDataModule):
     """TJH or MIMIC-IV, preprocessed once and cached; train/val/test loaders of padded batches.
 
     Args:
-        dataset: ``tjh``, ``mimic_iv`` or ``synthetic`` (generated patients whose outcome follows a known rule over
-            three variables, the mechanism check: ``eagrl.data.synthetic``).
+        dataset: ``tjh``, ``mimic_iv``, ``meds`` (ICU stays of a MEDS events table, with MIMIC-IV's variables:
+            ``eagrl.data.meds``) or ``synthetic`` (generated patients whose outcome follows a known rule over three
+            variables, the mechanism check: ``eagrl.data.synthetic``).
         task: ``mortality`` (all) or ``readmission`` (MIMIC-IV).
         data_dir: the shared data folder (default: ``$EAGRL_DATA_DIR`` or ``../shared/data``).
         mimic_dir: the MIMIC-IV folder (with ``hosp/`` and ``icu/``), relative to ``data_dir`` or absolute.
             Point it at a full MIMIC-IV v2.2/v3.1 folder to use the full database.
         cache_dir: cache root (default: ``$EAGRL_CACHE_DIR`` or ``~/.cache/eagrl``).
+        meds_file: ``dataset: meds``: the MEDS events parquet (``subject_id``, ``time``, ``code`` and a value column),
+            relative to ``data_dir`` or absolute. Default: the MEDS copy of the MIMIC-IV demo in the shared data.
+        meds_value_column: the events table's numeric value column (MEDS: ``numeric_value``; the shared copy: ``value``).
+        meds_mapping: a CSV ``code,feature,conversion`` mapping MEDS codes to the MIMIC-IV variables; None: the
+            shipped mapping of MIMIC-IV's chartevents codes (``LAB//<itemid>//<unit>``).
+        meds_labels: a MEDS label file (``subject_id``, ``prediction_time``, ``boolean_value``) labelling the task;
+            None: the MIMIC-IV stay rules over the death, admission and ICU codes.
         cohort_file: TJH only: a cohort file in the TJH spreadsheet schema (xlsx, or csv by its suffix), read instead
             of the shipped spreadsheet: another hospital's patients. ``PATIENT_ID``, ``RE_DATE`` and ``outcome`` are
             needed; a lacking feature column stops the run naming it, unless ``allow_missing_features``.
@@ -228,10 +236,14 @@ class EHRDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        dataset: Literal["tjh", "mimic_iv", "synthetic"] = "tjh",
+        dataset: Literal["tjh", "mimic_iv", "meds", "synthetic"] = "tjh",
         task: str = "mortality",
         data_dir: Optional[str] = None,
         mimic_dir: str = "mimic-iv-demo",
+        meds_file: str = "mimic-iv-demo/meds_fallback/mimic_iv_demo_meds_events.parquet",
+        meds_value_column: str = "numeric_value",
+        meds_mapping: Optional[str] = None,
+        meds_labels: Optional[str] = None,
         cohort_file: Optional[str] = None,
         allow_missing_features: bool = False,
         date_format: Optional[str] = None,
@@ -281,12 +293,12 @@ class EHRDataModule(L.LightningDataModule):
         if (split == "file") != (split_file is not None):
             raise EAGRLInputError("data.split_file: give a split file exactly when data.split is 'file'")
         window = {"observation_hours": observation_hours, "observation_days": observation_days}
-        own = "observation_hours" if dataset == "mimic_iv" else "observation_days"
+        own = "observation_hours" if dataset in ("mimic_iv", "meds") else "observation_days"
         for key, value in window.items():
             if value is not None and dataset == "synthetic":
                 raise EAGRLInputError(f"data.{key}: the synthetic cohort has no observation window (its rule reads the last visit)")
             if value is not None and key != own:
-                raise EAGRLInputError(f"data.{key} applies to {'mimic_iv' if key == 'observation_hours' else 'tjh'}; for {dataset} use data.{own}")
+                raise EAGRLInputError(f"data.{key} applies to {'mimic_iv and meds' if key == 'observation_hours' else 'tjh'}; for {dataset} use data.{own}")
             if value is not None and task == "readmission":
                 raise EAGRLInputError(
                     f"data.{key}: readmission is predicted at discharge from the whole stay; an observation window applies to mortality only"
@@ -319,11 +331,31 @@ class EHRDataModule(L.LightningDataModule):
         root = data_dir(self.hparams.data_dir)
         if self.dataset == "tjh":
             return root
+        if self.dataset == "meds":
+            return self._meds_path(self.hparams.meds_file, root, "data.meds_file", "a MEDS events parquet")
         folder = Path(self.hparams.mimic_dir).expanduser()
         folder = folder if folder.is_absolute() else root / folder
         if not folder.is_dir():
             raise EAGRLInputError(f"data.mimic_dir: MIMIC-IV folder {folder} does not exist (expected hosp/ and icu/ inside)")
         return folder
+
+    @staticmethod
+    def _meds_path(value: str, root: Path, key: str, what: str) -> Path:
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            raise EAGRLInputError(f"{key}: {path} does not exist (expected {what})")
+        return path.resolve()
+
+    def _meds_extra(self) -> list[Path]:
+        """The MEDS mapping and label files (absolute), when given."""
+        root, hp = data_dir(self.hparams.data_dir), self.hparams
+        extra = []
+        if hp.meds_mapping is not None:
+            extra.append(self._meds_path(hp.meds_mapping, Path.cwd(), "data.meds_mapping", "a CSV with columns code,feature,conversion"))
+        if hp.meds_labels is not None:
+            extra.append(self._meds_path(hp.meds_labels, root, "data.meds_labels", "a MEDS label file"))
+        return extra
 
     def _split_file(self) -> Path | None:
         if self.hparams.split_file is None:
@@ -361,7 +393,10 @@ class EHRDataModule(L.LightningDataModule):
             options.update(features=self.features)
         if self.hparams.cohort_file is not None:
             options.update(allow_missing_features=self.hparams.allow_missing_features, date_format=self.hparams.date_format)
-        if self.dataset == "mimic_iv":
+        if self.dataset == "meds":
+            options.update(value_column=self.hparams.meds_value_column, extra=[str(p) for p in self._meds_extra()],
+                           labels_for=self.task if self.hparams.meds_labels else None)  # fmt: skip
+        if self.dataset in ("mimic_iv", "meds"):
             options.update(max_steps=self.hparams.max_steps)  # chunk_size changes memory, not the result
             if self.task == "readmission":
                 options.update(readmission_level=self.hparams.readmission_level)
@@ -377,6 +412,11 @@ class EHRDataModule(L.LightningDataModule):
             raw = tjh.load_tjh(source, hp.observation_days)
         elif self.dataset == "synthetic":
             raw = synthetic.load_synthetic(hp.synthetic_patients, hp.synthetic_seed)
+        elif self.dataset == "meds":
+            level = hp.readmission_level if self.task == "readmission" else "icu"
+            mapping = self._meds_path(hp.meds_mapping, Path.cwd(), "data.meds_mapping", "a CSV") if hp.meds_mapping else None
+            labels = self._meds_path(hp.meds_labels, data_dir(hp.data_dir), "data.meds_labels", "a MEDS label file") if hp.meds_labels else None
+            raw = meds.load_meds(source, hp.meds_value_column, mapping, labels, self.task, hp.chunk_size, hp.max_steps, hp.progress, hp.observation_hours, level)
         else:
             level = hp.readmission_level if self.task == "readmission" else "icu"
             raw = mimic_iv.load_mimic_iv(source, hp.chunk_size, hp.max_steps, hp.progress, hp.observation_hours, level)
@@ -414,7 +454,7 @@ class EHRDataModule(L.LightningDataModule):
         if self.hparams.cohort_file is not None:
             sources = [source]
         else:
-            sources = {"tjh": tjh.source_files, "mimic_iv": mimic_iv.source_files, "synthetic": lambda _: []}[self.dataset](source)
+            sources = {"tjh": tjh.source_files, "mimic_iv": mimic_iv.source_files, "synthetic": lambda _: [], "meds": lambda p: [p, *self._meds_extra()]}[self.dataset](source)
         sources += [p for p in [self._split_file()] if p is not None]
         options, root = self._options(source), cache_dir(self.hparams.cache_dir)
         folder = cache_folder(root, self.dataset, options)
@@ -601,7 +641,7 @@ class EHRDataModule(L.LightningDataModule):
             **meta.get("notes", {}),
             "split_file": self._written_split_file(),
         }
-        if self.dataset == "mimic_iv" and self.task == "readmission":
+        if self.dataset in ("mimic_iv", "meds") and self.task == "readmission":
             out["readmission_level"] = self.hparams.readmission_level
         return out
 

@@ -200,8 +200,8 @@ SYNTHETIC_FEATURES: tuple[FeatureSpec, ...] = DEMOGRAPHICS + tuple(
     )
 )
 
-DATASET_FEATURES = {"tjh": TJH_FEATURES, "mimic_iv": MIMIC_FEATURES, "synthetic": SYNTHETIC_FEATURES}
-DATASET_TASKS = {"tjh": ("mortality",), "mimic_iv": ("mortality", "readmission"), "synthetic": ("mortality",)}
+DATASET_FEATURES = {"tjh": TJH_FEATURES, "mimic_iv": MIMIC_FEATURES, "meds": MIMIC_FEATURES, "synthetic": SYNTHETIC_FEATURES}
+DATASET_TASKS = {"tjh": ("mortality",), "mimic_iv": ("mortality", "readmission"), "meds": ("mortality", "readmission"), "synthetic": ("mortality",)}
 
 
 def resolve_feature_names(wanted: list[str], dataset: str) -> list[str]:

@@ -51,6 +51,7 @@ READMISSION_DAYS = 30
 
 _DYNAMIC = [f.name for f in MIMIC_FEATURES if not f.demographic]
 _ITEM_TO_FEATURE = {item: v.spec.name for v in MIMIC_VARIABLES for item in v.itemids}
+_ITEM_PRIORITY = {item: rank for v in MIMIC_VARIABLES for rank, item in enumerate(v.itemids)}  # 0: the variable's first itemid
 _CONVERSIONS = {item: how for v in MIMIC_VARIABLES for item, how in v.convert}
 _PLAUSIBLE_LOW = {v.spec.name: float(v.plausible[0]) for v in MIMIC_VARIABLES}
 _PLAUSIBLE_HIGH = {v.spec.name: float(v.plausible[1]) for v in MIMIC_VARIABLES}
@@ -94,8 +95,16 @@ def _dates(frame: pd.DataFrame, columns: list[str], path: Path) -> None:
 
 def _convert(itemid: pd.Series, value: pd.Series) -> pd.Series:
     """Apply the per-itemid unit conversions of METHOD.md §1 (F->C, inch->cm, lbs->kg, % -> fraction)."""
+    return convert_units(itemid.map(_CONVERSIONS), value)
+
+
+CONVERSIONS = ("f_to_c", "inch_to_cm", "lbs_to_kg", "percent_to_fraction")
+
+
+def convert_units(how: pd.Series, value: pd.Series) -> pd.Series:
+    """``value`` converted as ``how`` says per row (one of ``CONVERSIONS``, or NaN/empty: none); a
+    percentage is made a fraction only when above 1 (charted either way)."""
     value = value.copy()
-    how = itemid.map(_CONVERSIONS)
     f = how == "f_to_c"
     value[f] = (value[f] - 32.0) * 5.0 / 9.0
     value[how == "inch_to_cm"] *= 2.54
@@ -105,13 +114,20 @@ def _convert(itemid: pd.Series, value: pd.Series) -> pd.Series:
     return value
 
 
-def _reduce_daily(frame: pd.DataFrame) -> pd.DataFrame:
-    """Keep the last (by charttime) non-null value per (stay_id, date, feature)."""
-    frame = frame.sort_values("charttime", kind="stable")
-    return frame.drop_duplicates(["stay_id", "date", "feature"], keep="last")
+def last_first(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` ordered so that the value a day keeps comes last: by ``charttime``, then, at one time, the
+    itemid listed first for its variable (``priority`` 0; e.g. "Respiratory Rate" over "Respiratory Rate
+    (spontaneous)"), then the larger value. The order does not depend on the source file's row order, so
+    the native and the MEDS reader keep the same value."""
+    return frame.sort_values(["charttime", "priority", "value"], ascending=[True, False, True], kind="stable")
 
 
-def _implausible(feature: pd.Series, value: pd.Series) -> pd.Series:
+def reduce_daily(frame: pd.DataFrame) -> pd.DataFrame:
+    """Keep the last value per (stay_id, date, feature) (``last_first``'s order)."""
+    return last_first(frame).drop_duplicates(["stay_id", "date", "feature"], keep="last")
+
+
+def implausible_values(feature: pd.Series, value: pd.Series) -> pd.Series:
     """[n] bool: a value outside its variable's physiological range."""
     return value.notna() & ((value < feature.map(_PLAUSIBLE_LOW)) | (value > feature.map(_PLAUSIBLE_HIGH)))
 
@@ -155,7 +171,7 @@ def read_chartevents(
         if window_end is not None:
             inside = charttime < chunk["stay_id"].astype("int64").map(window_end)
             chunk, feature, value, charttime = chunk[inside], feature[inside], value[inside], charttime[inside]
-        bad = _implausible(feature, value)
+        bad = implausible_values(feature, value)
         if bad.any():
             if implausible is not None:
                 for name, n in feature[bad].value_counts().items():
@@ -168,17 +184,18 @@ def read_chartevents(
                 "date": charttime.dt.normalize(),
                 "feature": feature,
                 "value": value.astype("float64"),
+                "priority": chunk["itemid"].map(_ITEM_PRIORITY),
             }
         ).dropna(subset=["value", "charttime"])
-        parts.append(_reduce_daily(reduced))
+        parts.append(reduce_daily(reduced))
         if len(parts) > 16:  # fold the partial results so memory stays at one value per stay-day-variable
-            parts = [_reduce_daily(pd.concat(parts, ignore_index=True))]
+            parts = [reduce_daily(pd.concat(parts, ignore_index=True))]
     if not parts:
-        return pd.DataFrame(columns=["stay_id", "charttime", "date", "feature", "value"])
-    return _reduce_daily(pd.concat(parts, ignore_index=True))
+        return pd.DataFrame(columns=["stay_id", "charttime", "date", "feature", "value", "priority"])
+    return reduce_daily(pd.concat(parts, ignore_index=True))
 
 
-def _labels(stays: pd.DataFrame, admissions: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
+def stay_labels(stays: pd.DataFrame, admissions: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
     """Add ``mortality``, ``readmission`` (ICU level) and ``readmission_hospital`` to every stay (see the module docstring)."""
     admissions = admissions.sort_values(["subject_id", "admittime"])
     admissions["next_admittime"] = admissions.groupby("subject_id")["admittime"].shift(-1)
@@ -253,7 +270,7 @@ def load_mimic_iv(
     stays = stays.dropna(subset=["stay_id", "intime", "outtime"])
     if stays.empty:
         raise EAGRLInputError(f"{stays_path}: no ICU stays with stay_id, intime and outtime: the cohort is empty")
-    stays = _labels(stays, admissions, patients).sort_values("stay_id").reset_index(drop=True)
+    stays = stay_labels(stays, admissions, patients).sort_values("stay_id").reset_index(drop=True)
     if stays["gender"].isna().any():
         raise EAGRLInputError(f"{pat_path}: {int(stays['gender'].isna().sum())} ICU stay(s) have no patient row")
 
@@ -263,6 +280,27 @@ def load_mimic_iv(
         window_end = pd.Series((stays["intime"] + pd.Timedelta(hours=observation_hours)).to_numpy(), index=stay_ids.to_numpy())
     implausible: dict[str, int] = {}
     events = read_chartevents(data_dir / CHARTEVENTS, set(stay_ids), chunk_size, progress, window_end, implausible)
+    return assemble_stays(
+        "mimic_iv", stays, events, stay_ids.astype(str).to_numpy(), max_steps, observation_hours, readmission_level,
+        notes={"implausible_values": {name: implausible.get(name, 0) for name in _CHARTED}},
+    )
+
+
+def assemble_stays(
+    dataset: str,
+    stays: pd.DataFrame,
+    events: pd.DataFrame,
+    sample_ids: np.ndarray,
+    max_steps: int,
+    observation_hours: float | None,
+    readmission_level: str,
+    notes: dict,
+) -> RawCohort:
+    """The cohort of ICU ``stays`` (sorted by their integer ``stay_id``, as ``sample_ids``; columns stay_id, subject_id, intime, outtime,
+    admittime, gender, anchor_age, anchor_year and the labels of ``stay_labels``) from their daily ``events``
+    (stay_id, charttime, date, feature, value, priority): days counted from the ``intime`` date (day 1), days up to the
+    ``max_steps``-th from last collapsed into it, GCS total from its components, Sex and Age."""
+    stay_ids = stays["stay_id"].astype("int64")
     events = events.merge(stays[["stay_id", "intime"]], on="stay_id")
     events["day"] = (events["date"] - events["intime"].dt.normalize()).dt.days.astype("int64") + 1
     # collapse every day up to the max_steps-th-from-last observed day into that day
@@ -271,7 +309,7 @@ def load_mimic_iv(
     first_kept = uniq[uniq["from_end"] == max_steps - 1].set_index("stay_id")["day"]
     floor = events["stay_id"].map(first_kept)
     events["day"] = np.where(floor.notna() & (events["day"] < floor), floor, events["day"]).astype("int64")
-    events = events.sort_values("charttime", kind="stable").drop_duplicates(["stay_id", "day", "feature"], keep="last")
+    events = last_first(events).drop_duplicates(["stay_id", "day", "feature"], keep="last")
     wide = events.pivot_table(index=["stay_id", "day"], columns="feature", values="value", aggfunc="last")
     wide = wide.reindex(columns=_DYNAMIC).sort_index()
     gcs = wide[list(GCS_COMPONENTS)]
@@ -287,14 +325,14 @@ def load_mimic_iv(
     values = np.concatenate([demo, wide.to_numpy(np.float32)], axis=1)
     readmission = stays["readmission_hospital" if readmission_level == "hospital" else "readmission"]
     return RawCohort(
-        dataset="mimic_iv",
+        dataset=dataset,
         features=MIMIC_FEATURES,
-        sample_ids=stay_ids.astype(str).to_numpy(),
+        sample_ids=np.asarray(sample_ids).astype(str),
         patient_ids=stays["subject_id"].astype("int64").astype(str).to_numpy(),
         offsets=offsets,
         values=values,
         days=wide.index.get_level_values(1).to_numpy(np.int32),
         labels={"mortality": stays["mortality"].to_numpy(np.int8), "readmission": readmission.to_numpy(np.int8)},
         exclusion=exclusion,
-        notes={"implausible_values": {name: implausible.get(name, 0) for name in _CHARTED}},
+        notes=notes,
     )

@@ -29,7 +29,7 @@ from eagrl.data.features import DATASET_FEATURES, FeatureSpec
 from eagrl.errors import EAGRLInputError
 from eagrl.io import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 
-PREPROCESS_VERSION = 2  # 2: cohort rules (labels, post-discharge rows, windows, exclusions, plausibility)
+PREPROCESS_VERSION = 3  # 2: cohort rules (labels, post-discharge rows, windows, exclusions, plausibility); 3: MIMIC-IV ties at one charttime
 _FULL_HASH_LIMIT = 512 * 1024 * 1024  # files larger than this are fingerprinted by size and mtime
 
 log = logging.getLogger(__name__)

@@ -40,6 +40,7 @@ PERSONAS = {
         "You read a patient's vital signs and bedside measurements from an ICU stay, day by day, and judge the patient's prognosis."
     ),
 }
+PERSONAS["meds"] = PERSONAS["mimic_iv"]  # a MEDS cohort's ICU stays, with MIMIC-IV's variables (eagrl.data.meds)
 TASK_QUESTIONS = {
     "mortality": "What is the probability that this patient dies before leaving hospital (in-hospital mortality)?",
     "readmission": (
