@@ -481,7 +481,7 @@ class EHRDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------- external cohorts
     def _report_absent_features(self) -> None:
         """Features of the model the cohort file lacks: left out of the LLM's text, warned about once, recorded."""
-        absent = list(self.cohort.raw.notes.get("absent_features", []))
+        absent = list(self.cohort.meta.get("notes", {}).get("absent_features", []))  # meta: kept in the cache too
         if not absent:
             return
         dynamic = {f.name for f in self.cohort.raw.features if not f.demographic}

@@ -66,6 +66,10 @@ def test_absent_features_are_named_left_out_of_the_text_and_reported(tmp_path):
         dm.setup("test")
     assert dm.input_report["data/features_present"] == pytest.approx(3 / 75)
     assert "Sex" in dm.input_report["data/absent_features"] and "albumin" in dm.input_report["data/absent_features"]
+    again = _module(tmp_path / "c.csv", tmp_path / "cache", features=None)
+    with pytest.warns(UserWarning, match="lacks 72 of the model's 75 features"):
+        again.setup("test")  # loaded from the cache: still named and reported
+    assert again.input_report == dm.input_report
     text = dm.datasets["test"].text(0)
     assert "Lactate dehydrogenase" in text and "albumin" not in text and "unknown sex" in text
     full = EHRDataModule(dataset="tjh", progress=False, cache_dir=str(tmp_path / "cache"))
