@@ -118,3 +118,17 @@ def test_meds_through_the_cli_matches_the_native_cohort(demo, session_cache):
     assert from_meds["dataset"] == "meds" and from_meds["feature_names"] == native["feature_names"]
     assert from_meds["splits"] == native["splits"]  # the same patients in each split, the same labels
     assert from_meds["unpaired_hospital_codes"] == 2 and from_meds["stays_without_admission"] == 1
+
+
+def test_meds_observation_window_equals_the_native_reader(demo, both):
+    key = both[2]
+    from_meds = meds.load_meds(demo / EVENTS, "value", progress=False, observation_hours=48)
+    native = mimic_iv.load_mimic_iv(demo / DEMO, progress=False, observation_hours=48)
+    where = {s: j for j, s in enumerate(from_meds.sample_ids)}
+    order = [where[key[s]] for s in native.sample_ids]
+    assert list(from_meds.exclusion[order]) == list(native.exclusion)
+    assert int((native.exclusion == "").sum()) == 74  # the README's 48-hour cohort
+    for i, j in enumerate(order):
+        a, b = from_meds.values[from_meds.rows(j)], native.values[native.rows(i)]
+        assert a.shape == b.shape and (np.isnan(a) == np.isnan(b)).all()
+        np.testing.assert_allclose(a[~np.isnan(b)], b[~np.isnan(b)], rtol=1e-5, atol=0)
