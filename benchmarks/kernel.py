@@ -7,6 +7,12 @@ and forward + backward, three ways:
 
     python benchmarks/kernel.py                                   # CPU: (a) and (b)
     python benchmarks/kernel.py --tokens 8192 32768 --vocab 151936 --dtype bfloat16   # GPU: all three + GB/s
+    python benchmarks/kernel.py --linear --tokens 4096 --vocab 49152 --hidden 576     # the fused linear GRPO loss
+
+``--linear`` measures the RL loss from the final hidden states h [N, D] and a frozen output layer W [V, D], forward +
+backward, three ways: ``today`` (logits = h Wᵀ, the fused log-prob/entropy op of the resolved backend, the clipped
+surrogate: ``eagrl.rl.grpo.policy_loss``), ``fused_linear`` (``eagrl.kernels.fused_linear``: chunks of rows, the
+gradient of h computed in the forward) and ``matmul`` (h Wᵀ and g W alone: the floor both paths pay).
 
 "Peak extra memory" is the peak allocation above the inputs (logits, ids, upstream gradients): CUDA's
 ``max_memory_allocated`` on a GPU, the growth of peak RSS (``VmHWM``, reset per measurement) on a CPU. The
@@ -76,8 +82,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--interpret", action="store_true", help="also run (c) on a CPU under TRITON_INTERPRET=1 (very slow)")
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="device memory bandwidth in GB/s")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_kernel.json")
+    parser.add_argument("--linear", action="store_true", help="benchmark the fused linear GRPO loss against today's path")
+    parser.add_argument("--hidden", type=int, default=576, help="--linear: D, the hidden size (SmolLM2 576, Qwen2.5-7B 3584)")
+    parser.add_argument("--chunk", type=int, default=None, help="--linear: rows per chunk (default: eagrl.kernels.fused_linear.default_chunk)")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/bench_kernel.json (--linear: results/bench_fused_linear.json)")
     args = parser.parse_args()
+    args.out = args.out or REPO / "results" / ("bench_fused_linear.json" if args.linear else "bench_kernel.json")
+    if args.linear:
+        return linear(args)
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
 
@@ -164,6 +176,76 @@ def main() -> None:
                 print(f"N={tokens} V={vocab}: fused forward uses {ratio:.0f}x less peak extra memory than eager, "
                       f"{fused['forward_ms']:.2f} vs {eager_row['forward_ms']:.2f} ms")  # fmt: skip
     write_json_atomic(args.out, summary)
+    print(f"wrote {args.out}")
+
+
+def linear(args) -> None:
+    """The fused linear GRPO loss against today's path and a bare matmul (see the module docstring)."""
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    from eagrl.io import write_json_atomic
+    from eagrl.kernels import resolve_backend
+    from eagrl.kernels.fused_linear import default_chunk, fused_linear_policy_loss
+    from eagrl.rl.grpo import policy_loss
+
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    path = resolve_backend("auto", device)
+    rows = []
+    for vocab in args.vocab:
+        for tokens in args.tokens:
+            gen = torch.Generator(device=device).manual_seed(0)
+            hidden = torch.randn(tokens, args.hidden, device=device, generator=gen).to(dtype)
+            weight = (torch.randn(vocab, args.hidden, device=device, generator=gen) / args.hidden**0.5).to(dtype)  # frozen (LoRA)
+            ids = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
+            old = -torch.rand(tokens, device=device, generator=gen) * 5 - 8
+            advantages = torch.randn(tokens, device=device, generator=gen)
+            weights = torch.full((tokens,), 1.0 / tokens, device=device)
+            eps = torch.full((tokens,), 0.3, device=device)
+            chunk = args.chunk or default_chunk(vocab)
+
+            def today(h):
+                return policy_loss(h @ weight.t(), ids, old, advantages, weights, eps, None, 0.2, 0.0, 1.0, path)[0]
+
+            def fused(h):
+                return fused_linear_policy_loss(h, weight, ids, old, advantages, weights, eps, None, 0.2, 0.0, 1.0, path, chunk)[0]
+
+            def matmul(h):
+                return (h @ weight.t()).float().mean()  # backward: one [N, V] x [V, D] product, as both paths
+
+            for label, fn in (("matmul", matmul), ("today", today), ("fused_linear", fused)):
+                times, peaks = [], []
+                for k in range(args.repeats + 1):
+                    leaf = hidden.detach().requires_grad_()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    with PeakMemory(device) as memory:
+                        start = time.perf_counter()
+                        fn(leaf).backward()
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        elapsed = time.perf_counter() - start
+                    del leaf
+                    if k:
+                        times.append(elapsed)
+                        peaks.append(memory.peak)
+                row = {"path": label, "kernel_path": path, "tokens": tokens, "vocab": vocab, "hidden": args.hidden, "chunk": chunk,
+                       "dtype": str(dtype).replace("torch.", ""), "forward_backward_ms": statistics.median(times) * 1e3,
+                       "peak_extra_mib": max(peaks) / 2**20}  # fmt: skip
+                rows.append(row)
+                print(f"{label:>13}  N={tokens:<6} V={vocab:<7} D={args.hidden:<5} {row['dtype']:>8}  fwd+bwd {row['forward_backward_ms']:9.1f} ms  "
+                      f"peak extra {row['peak_extra_mib']:8.1f} MiB", flush=True)  # fmt: skip
+            by = {r["path"]: r for r in rows if r["tokens"] == tokens and r["vocab"] == vocab}
+            time_ratio = by["fused_linear"]["forward_backward_ms"] / by["today"]["forward_backward_ms"]
+            memory_ratio = by["fused_linear"]["peak_extra_mib"] / max(by["today"]["peak_extra_mib"], 1e-6)
+            print(f"N={tokens} V={vocab}: fused linear / today: time {time_ratio:.2f}x (target <= 1.2), "
+                  f"peak extra memory {memory_ratio:.3f}x (target <= 0.125)", flush=True)  # fmt: skip
+            by["fused_linear"].update(time_vs_today=time_ratio, memory_vs_today=memory_ratio)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    write_json_atomic(args.out, {"device": name, "torch": torch.__version__, "threads": args.threads, "rows": rows})
     print(f"wrote {args.out}")
 
 

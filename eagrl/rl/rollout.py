@@ -5,7 +5,8 @@ the completions with the prompt computed once per group.
   (the text after the tag up to the next tag). Token boundaries come from decoding the sampled ids
   themselves (not from re-tokenising the text), so the mask lines up with the tokens the loss sees; they
   are found in linear time (``token_ends``: incremental detokenisation).
-- ``completion_logits``: the logits of G completions of one prompt, [N, V] over their N tokens. The
+- ``completion_logits`` / ``completion_hidden``: the logits [N, V] (or the final hidden states [N, D]: the fused
+  linear loss projects them itself) of G completions of one prompt over their N tokens. The
   prompt (often 1-3k tokens of EHR) runs once, with gradient, and its key/value cache is repeated for
   the G completions, so a group costs one prompt forward + G short ones instead of G long ones (the
   gradient through the prompt is summed over the group by autograd). Only completion positions are
@@ -69,6 +70,20 @@ def completion_logits(model, prompt_ids: list[int], completions: list[list[int]]
     """``(logits [N, V], ids [N])`` for the tokens of ``completions`` (G lists) after ``prompt_ids``.
 
     Row order: completion 0's tokens, then completion 1's, ... (each completion must be non-empty)."""
+    hidden, ids = completion_hidden(model, prompt_ids, completions)
+    logits = model.get_output_embeddings()(hidden)  # [N, V]
+    config = getattr(model, "config", None)
+    scale, cap = getattr(config, "logit_scale", None), getattr(config, "final_logit_softcapping", None)
+    if scale:  # Cohere: as the model's own forward
+        logits = logits * scale
+    if cap:  # Gemma-2
+        logits = torch.tanh(logits / cap) * cap
+    return logits, ids
+
+
+def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden [N, D], ids [N])``: the final hidden states that predict the tokens of ``completions`` (the
+    output layer's input; ``completion_logits`` projects them), for the fused linear loss."""
     device = model.get_output_embeddings().weight.device
     decoder = _decoder(model)
     group = len(completions)
@@ -87,5 +102,4 @@ def completion_logits(model, prompt_ids: list[int], completions: list[list[int]]
     mask = torch.cat([torch.ones((group, prefix.shape[1]), dtype=torch.long, device=device), alive.long()], dim=1)  # [G, P - 1 + T]
     past = {_cache_argument(decoder): cache}
     hidden = decoder(input_ids=tail, attention_mask=mask, use_cache=True, **past).last_hidden_state  # [G, T, H]
-    logits = model.get_output_embeddings()(hidden[alive])  # [N, V]
-    return logits, torch.tensor(targets, dtype=torch.long, device=device)
+    return hidden[alive], torch.tensor(targets, dtype=torch.long, device=device)  # [N, D], [N]

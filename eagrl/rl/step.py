@@ -30,7 +30,8 @@ import torch
 from eagrl.distributed import all_reduce, rank, sum_gradients, world_size
 from eagrl.kernels import check_ids, token_logp_entropy_on
 from eagrl.rl.grpo import Rollout, aggregation_weights, clip_high_from_entropy, masked_mean, policy_loss
-from eagrl.rl.rollout import completion_logits
+from eagrl.kernels.fused_linear import fused_linear_policy_loss, output_layer
+from eagrl.rl.rollout import completion_hidden, completion_logits
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class UpdateConfig:
     max_grad_norm: float = 1.0
     temperature: float = 1.0
     backend: str = "torch"  # a resolved path: triton or torch (eagrl.kernels.resolve_backend)
+    fused_linear: bool = False  # the loss from the hidden states, never holding the logits (eagrl.kernels.fused_linear)
+    chunk_size: int | None = None  # fused_linear: rows per chunk (None: default_chunk of the vocabulary)
 
     def __post_init__(self) -> None:
         if self.backend not in ("triton", "torch"):
@@ -73,11 +76,13 @@ def _group_tensors(rollout: Rollout, p: int, device: torch.device) -> dict[str, 
     return {"segments": segments.to(device), "key": key.to(device), "advantages": advantages.to(device)}
 
 
-def _logits(model, rollout: Rollout, p: int, members: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [N, V] and ids [N] of prompt p's completions (``members``: their indices in the group; None: all)."""
+def _logits(model, rollout: Rollout, p: int, members: list[int] | None = None, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, V] (``hidden``: the final hidden states [N, D]) and ids [N] of prompt p's completions
+    (``members``: their indices in the group; None: all)."""
     group = rollout.group_size
     members = list(range(group)) if members is None else members
-    return completion_logits(model, rollout.prompt_ids[p], [rollout.completions[p * group + g] for g in members])
+    project = completion_hidden if hidden else completion_logits
+    return project(model, rollout.prompt_ids[p], [rollout.completions[p * group + g] for g in members])
 
 
 @torch.no_grad()
@@ -145,9 +150,11 @@ def optimise(
     config: UpdateConfig,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     loss_fn: Callable = policy_loss,
+    linear_loss_fn: Callable = fused_linear_policy_loss,
 ) -> dict[str, float]:
     """Update ``model`` on ``rollout``: ``ppo_epochs`` passes over its mini-batches, one optimiser step each
-    (see the module docstring). Returns the statistics of the update: loss (mean over the steps),
+    (see the module docstring); ``loss_fn`` (logits) or, with ``config.fused_linear``, ``linear_loss_fn`` (hidden
+    states and the output layer) gives each prompt's loss. Returns the statistics of the update: loss (mean over the steps),
     clip_low, clip_high, ratio, kl (token means over every step), entropy and key_entropy (of the rollout
     policy), eps_high with eps_high_min / eps_high_max (ε of the trajectories), steps, grad_norm (last step),
     logp_mismatch (mean |logp_sampler - logp_train| over the sampled tokens; NaN without ``sampler_logp``)."""
@@ -197,7 +204,7 @@ def optimise(
             step_loss = 0.0
             for p, in_group in by_prompt.items():
                 rows = [p * group + g for g in in_group]
-                logits, ids = _logits(model, rollout, p, in_group)  # [N, V], [N]
+                logits, ids = _logits(model, rollout, p, in_group, hidden=config.fused_linear)  # [N, V] (fused_linear: [N, D]), [N]
                 segment_lengths = lengths[rows]
                 segments = torch.repeat_interleave(torch.arange(len(rows), device=device), segment_lengths.long().to(device))  # [N]
                 weights = aggregation_weights(segment_lengths, config.loss_agg, tokens, sequences, config.max_length).to(device)
@@ -205,10 +212,17 @@ def optimise(
                 eps_tokens = eps_high[rows][segments]  # [N]
                 old_logp = torch.cat([old[b] for b in rows])
                 ref_logp = torch.cat([reference[b] for b in rows]) if reference is not None else None
-                loss, _, _, stats = loss_fn(
-                    logits, ids, old_logp, advantages, weights, eps_tokens, ref_logp,
-                    config.eps_low, config.kl_coef, config.temperature, config.backend,
-                )  # fmt: skip
+                if config.fused_linear:
+                    weight, scale = output_layer(model)  # logits = scale · h Wᵀ: the scale folds into the temperature
+                    loss, _, _, stats = linear_loss_fn(
+                        logits, weight, ids, old_logp, advantages, weights, eps_tokens, ref_logp,
+                        config.eps_low, config.kl_coef, config.temperature / scale, config.backend, config.chunk_size,
+                    )  # fmt: skip
+                else:
+                    loss, _, _, stats = loss_fn(
+                        logits, ids, old_logp, advantages, weights, eps_tokens, ref_logp,
+                        config.eps_low, config.kl_coef, config.temperature, config.backend,
+                    )  # fmt: skip
                 backward(loss)
                 n = float(ids.shape[0])
                 step_loss += float(loss.detach())

@@ -190,3 +190,36 @@ def _module(**overrides):
 def test_bad_settings_fail_before_training(overrides, message):
     with pytest.raises(EAGRLInputError, match=message):
         _module(**overrides)
+
+
+def test_the_fused_linear_update_equals_the_logits_path():
+    """``loss_backend: fused_linear`` (the loss from the hidden states, in chunks) takes the update of the logits
+    path: the same statistics and the same LoRA weights after two mini-batch steps with both clips free to act."""
+    from eagrl.kernels.fused_linear import fused_linear_policy_loss
+
+    updated = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model, tokenizer = load_backbone(BackboneOptions(name="tiny-random-llama", lora=LoraOptions(rank=4, alpha=8, dropout=0.0)))
+        prompt = "The patient is stable. Answer:"
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        torch.manual_seed(1)
+        rollout = _first_token_rollout(model, tokenizer, prompt_ids, prompt, prompt_ids[-1], 4)
+        rollout.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+        calls = []
+
+        def spy(*args, **kwargs):
+            calls.append(1)
+            return fused_linear_policy_loss(*args, **kwargs)
+
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=20.0)
+        config = UpdateConfig(ppo_epochs=2, mini_batch_size=2, backend="torch", fused_linear=fused, chunk_size=3)
+        stats = optimise(model, optimizer, rollout, config, linear_loss_fn=spy)
+        assert bool(calls) == fused  # the option routes the loss
+        updated[fused] = (stats, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    (stats_logits, weights_logits), (stats_fused, weights_fused) = updated[False], updated[True]
+    for name in ("loss", "clip_low", "clip_high", "ratio", "entropy", "eps_high"):
+        assert stats_fused[name] == pytest.approx(stats_logits[name], rel=1e-4, abs=1e-6), name
+    assert stats_logits["ratio"] != 1.0
+    for name, value in weights_logits.items():
+        torch.testing.assert_close(weights_fused[name], value, atol=1e-5, rtol=1e-4)
