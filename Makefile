@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast reproduce summaries concare bench bench-kernel bench-rl-step clean-cache
+.PHONY: help install test test-fast reproduce summaries concare bench bench-kernel bench-rl-step gpu-check gpu-wheels clean-cache
 RUNS ?= runs
 
 help:  ## list the targets
@@ -71,6 +71,16 @@ bench-kernel: install  ## log-prob/entropy over N x V logits: eager vs compiled 
 
 bench-rl-step: install  ## one RL step of ours against TRL's GRPOTrainer on CPU (needs: pip install trl==1.16.0)
 	$(PY) benchmarks/rl_step.py
+
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_WHEELS := jsonargparse==4.53.0 omegaconf==2.4.0 openpyxl==3.1.5 et_xmlfile==2.0.0 \
+	docstring_parser==0.18.0 typeshed_client==2.15.0
+
+gpu-check:  ## everything a GPU can tell (kernels, benchmarks, SFT/RL/QLoRA/FSDP steps, ConCare CPU vs GPU): results/gpu_check.json
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(GPU_PY) benchmarks/gpu_check.py
+
+gpu-wheels:  ## download the small pure-Python wheels the GPU machine lacks into wheels/gpu (carried with the repository)
+	$(GPU_PY) -m pip download -q --only-binary=:all: --no-deps -d wheels/gpu $(GPU_WHEELS)
 
 clean-cache:  ## delete the preprocessing cache
 	rm -rf $${EAGRL_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/eagrl}/datasets

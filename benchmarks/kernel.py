@@ -17,7 +17,7 @@ gradient of h computed in the forward) and ``matmul`` (h Wᵀ and g W alone: the
 "Peak extra memory" is the peak allocation above the inputs (logits, ids, upstream gradients): CUDA's
 ``max_memory_allocated`` on a GPU, the growth of peak RSS (``VmHWM``, reset per measurement) on a CPU. The
 forward's achieved bandwidth counts one read of the logits (N·V·bytes) over the forward time, against the
-device's memory bandwidth (``--bandwidth-gbs``, default from the GPU's name). Results go to
+device's memory bandwidth (``--bandwidth-gbs``, default: measured by a device-to-device copy of 1 GiB). Results go to
 ``results/bench_kernel.json``; times are medians over ``--repeats`` after one warm-up.
 """
 
@@ -33,7 +33,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM peak, SXM parts
+
+
+def measured_bandwidth_gbs() -> float | None:
+    """The GPU's memory bandwidth from a device-to-device copy of 1 GiB (bytes read + written over the median
+    time of 5 copies): the roofline the kernels are compared with. None on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        target.copy_(source)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * source.numel() / statistics.median(times) / 1e9
 
 
 def _rss_kib(field: str) -> int:
@@ -81,7 +100,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--interpret", action="store_true", help="also run (c) on a CPU under TRITON_INTERPRET=1 (very slow)")
-    parser.add_argument("--bandwidth-gbs", type=float, default=None, help="device memory bandwidth in GB/s")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None, help="device memory bandwidth in GB/s (default: measured)")
     parser.add_argument("--linear", action="store_true", help="benchmark the fused linear GRPO loss against today's path")
     parser.add_argument("--hidden", type=int, default=576, help="--linear: D, the hidden size (SmolLM2 576, Qwen2.5-7B 3584)")
     parser.add_argument("--chunk", type=int, default=None, help="--linear: rows per chunk (default: eagrl.kernels.fused_linear.default_chunk)")
@@ -102,7 +121,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    bandwidth = args.bandwidth_gbs or next((v for k, v in BANDWIDTH_GBS.items() if k in name), None)
+    bandwidth = args.bandwidth_gbs or measured_bandwidth_gbs()
     temperature = 1.0
 
     def eager(z, ids):

@@ -137,3 +137,23 @@ def test_output_layers_it_cannot_fuse_are_refused():
     model.lm_head = torch.nn.Linear(8, 32, bias=True)
     with pytest.raises(EAGRLInputError, match="output layer has a bias"):
         output_layer(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_fused_linear_loss_on_gpu_at_qwen_vocabulary(dtype):
+    n, d, vocab = 96, 64, 151936
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n, d, device="cuda", generator=g)
+    weight = torch.randn(vocab, d, device="cuda", generator=g) / d**0.5
+    ids = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    case = {"ids": ids, "old_logp": -torch.rand(n, device="cuda", generator=g) * 3 - 10, "advantages": torch.randn(n, device="cuda", generator=g),
+            "agg_weights": torch.full((n,), 1.0 / n, device="cuda"), "eps_high": torch.full((n,), 0.3, device="cuda"), "ref_logp": None,
+            "eps_low": 0.2, "kl_coef": 0.0, "temperature": 1.0}  # fmt: skip
+    exact = _run(unfused_policy_loss, {**case, "hidden": hidden.double().requires_grad_(), "weight": weight.double()})
+    rounded = {**case, "hidden": hidden.to(dtype).requires_grad_(), "weight": weight.to(dtype)}
+    fused = _run(fused_linear_policy_loss, rounded, path="triton", chunk_size=32)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fused[1].double(), exact[1], atol=tol * 10, rtol=tol)  # log-probs
+    torch.testing.assert_close(fused[4].double(), exact[4], atol=tol, rtol=tol * 10)  # dL/dh

@@ -168,3 +168,29 @@ def test_bf16_at_qwen_vocabulary_on_gpu():
     (r[0] * g.double() + r[1]).sum().backward()
     assert torch.allclose(z.grad.double(), oracle.grad, atol=2e-3, rtol=2e-2)
     assert os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_dtype_at_qwen_vocabulary_on_gpu(dtype):
+    rows, vocab = 48, 151936
+    z = (torch.randn(rows, vocab, device="cuda") * 3).to(dtype)
+    ids = torch.randint(0, vocab, (rows,), device="cuda")
+    logp, entropy, lse = token_logp_entropy(z, ids, 0.9, backend="triton")
+    for got, want in zip((logp, entropy, lse), token_logp_entropy_reference(z.double(), ids, 0.9)):
+        assert torch.allclose(got.double(), want, atol=1e-3), dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30, reason="needs a CUDA GPU with 40 GiB")
+def test_more_than_two_to_the_31_logits_on_gpu():
+    """N·V > 2^31 (int64 row offsets): the last rows must be right, checked against the reference row by row."""
+    vocab = 151936
+    rows = 2**31 // vocab + 64  # 14198 rows: 2.16e9 bf16 logits (4.3 GB)
+    z = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, vocab, (rows,), device="cuda")
+    logp, entropy, _ = token_logp_entropy(z, ids, 1.0, backend="triton")
+    tail = slice(rows - 64, rows)
+    want = token_logp_entropy_reference(z[tail].double(), ids[tail], 1.0)
+    assert torch.allclose(logp[tail].double(), want[0], atol=1e-3) and torch.allclose(entropy[tail].double(), want[1], atol=1e-3)
