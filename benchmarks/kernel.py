@@ -16,7 +16,9 @@ gradient of h computed in the forward) and ``matmul`` (h Wᵀ and g W alone: the
 
 "Peak extra memory" is the peak allocation above the inputs (logits, ids, upstream gradients): CUDA's
 ``max_memory_allocated`` on a GPU, the growth of peak RSS (``VmHWM``, reset per measurement) on a CPU. The
-forward's achieved bandwidth counts one read of the logits (N·V·bytes) over the forward time, against the
+forward's achieved bandwidth counts one read of the logits (N·V·bytes) over the forward time; the backward's, one
+read of the logits and one write of their gradient (2·N·V·bytes) over the backward time (forward + backward
+minus forward); both against the
 device's memory bandwidth (``--bandwidth-gbs``, default: measured by a device-to-device copy of 1 GiB). Results go to
 ``results/bench_kernel.json``; times are medians over ``--repeats`` after one warm-up.
 """
@@ -175,8 +177,11 @@ def main() -> None:
                     "forward_peak_extra_mib": forward_peak / 2**20, "forward_backward_peak_extra_mib": both_peak / 2**20,
                     "logits_mib": logits_bytes / 2**20, "forward_gbs": logits_bytes / forward_s / 1e9,
                 }  # fmt: skip
+                backward_s = max(both_s - forward_s, 1e-9)  # the backward reads the logits once and writes their gradient
+                row["backward_gbs"] = 2 * logits_bytes / backward_s / 1e9
                 if bandwidth:
                     row["forward_bandwidth_fraction"] = row["forward_gbs"] / bandwidth
+                    row["backward_bandwidth_fraction"] = row["backward_gbs"] / bandwidth
                 rows.append(row)
                 print(
                     f"{label:>18}  N={tokens:<6} V={vocab:<7} {row['dtype']:>8}  fwd {row['forward_ms']:9.2f} ms "

@@ -1,7 +1,8 @@
 """The fused Triton kernels over rows of logits (METHOD.md §5); their semantics are ``reference.py``'s.
 
-Forward: one pass over each row with per-lane online accumulators (max m, s = Σ e^{x−m} and
-t = Σ (x − m) e^{x−m}, rescaled when m grows), merged across lanes at the end:
+Forward: one pass over each row with one running max m per row (updated once per block) and per-lane
+accumulators s = Σ e^{x−m} and t = Σ (x − m) e^{x−m}, rescaled by one scalar e^{m_old − m} when m grows: one
+``exp`` per element (and one per block), summed across lanes at the end:
 lse = m + log s, H = log s − t/s, logp = x_y − lse. Accumulating (x − m) rather than x keeps H accurate for
 peaked rows (no cancellation of two numbers near max x). Backward: one more pass that writes
 dz_j = [g_logp (δ_jy − p_j) − g_H p_j (log p_j + H) + g_lse p_j] / T.
@@ -28,27 +29,24 @@ def _logp_entropy_forward(
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * row_stride  # int64 offsets
     lanes = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)  # per-lane running max of x = z / T
+    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)  # the row's running max of x = z / T: one fp32 scalar
     s = tl.zeros([BLOCK], tl.float32)  # per-lane Σ e^{x − m}
     t = tl.zeros([BLOCK], tl.float32)  # per-lane Σ (x − m) e^{x − m}
     for start in range(0, n_vocab, BLOCK):
         cols = start + lanes
         x = tl.load(base + cols, mask=cols < n_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, x)
-        anchor = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane that saw only −inf keeps s = t = 0
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        anchor = tl.where(m_new == float("-inf"), 0.0, m_new)  # only −inf so far: s = t = 0 stay 0
         shift = tl.where(m == float("-inf"), 0.0, m - anchor)
-        alpha = tl.exp(m - anchor)
-        e = tl.exp(x - anchor)
+        alpha = tl.exp(m - anchor)  # one exp per block
+        e = tl.exp(x - anchor)  # one exp per element
         t = alpha * (t + shift * s) + tl.where(e > 0, (x - anchor) * e, 0.0)
         s = alpha * s + e
         m = m_new
-    m_row = tl.max(m, axis=0)
-    dead = m_row == float("-inf")  # no finite logit in the row
-    anchor_row = tl.where(dead, 0.0, m_row)
-    weight = tl.exp(m - anchor_row)  # [BLOCK]
-    shift = tl.where(m == float("-inf"), 0.0, m - anchor_row)
-    s_row = tl.sum(weight * s, axis=0)
-    t_row = tl.sum(weight * (t + shift * s), axis=0)
+    dead = m == float("-inf")  # no finite logit in the row
+    anchor_row = tl.where(dead, 0.0, m)
+    s_row = tl.sum(s, axis=0)
+    t_row = tl.sum(t, axis=0)
     log_s = tl.log(tl.where(dead, 1.0, s_row))
     target = tl.load(ids_ptr + row).to(tl.int64)
     x_target = tl.load(base + target).to(tl.float32) * inv_temperature
@@ -99,10 +97,25 @@ def _logp_entropy_backward(
 
 
 def _launch_config(n_vocab: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK, num_warps): a block of at most 4096 lanes (1024 in the CPU interpreter, which is slow per lane)."""
+    """(BLOCK, num_warps) of the untuned launch (the CPU interpreter, slow per lane: at most 1024 lanes)."""
     cap = 4096 if device.type == "cuda" else 1024
     block = min(cap, triton.next_power_of_2(n_vocab))
     return block, (8 if block >= 2048 else 4)
+
+
+# On a GPU, BLOCK and the warp count are autotuned per vocabulary size (and, by Triton's cache key, per dtype).
+_CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps) for block in (1024, 2048, 4096, 8192) for warps in (4, 8, 16)]
+_forward_tuned = triton.autotune(configs=_CONFIGS, key=["n_vocab"])(_logp_entropy_forward)
+_backward_tuned = triton.autotune(configs=_CONFIGS, key=["n_vocab"])(_logp_entropy_backward)
+
+
+def _launch(kernel, tuned, n_rows: int, n_vocab: int, device: torch.device, *args) -> None:
+    """Launch ``kernel`` over ``n_rows`` rows: autotuned on a GPU, with ``_launch_config`` in the interpreter."""
+    if device.type == "cuda":
+        tuned[(n_rows,)](*args)
+    else:
+        block, warps = _launch_config(n_vocab, device)
+        kernel[(n_rows,)](*args, BLOCK=block, num_warps=warps)
 
 
 def forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,10 +125,8 @@ def forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> tupl
     entropy = torch.empty_like(logp)
     lse = torch.empty_like(logp)
     if n_rows:
-        block, warps = _launch_config(n_vocab, logits.device)
-        _logp_entropy_forward[(n_rows,)](
-            logits, ids, logp, entropy, lse, logits.stride(0), n_vocab, 1.0 / temperature, BLOCK=block, num_warps=warps
-        )
+        _launch(_logp_entropy_forward, _forward_tuned, n_rows, n_vocab, logits.device,
+                logits, ids, logp, entropy, lse, logits.stride(0), n_vocab, 1.0 / temperature)  # fmt: skip
     return logp, entropy, lse
 
 
@@ -133,21 +144,7 @@ def backward(
     n_rows, n_vocab = logits.shape
     grad = torch.empty((n_rows, n_vocab), dtype=logits.dtype, device=logits.device)
     if n_rows:
-        block, warps = _launch_config(n_vocab, logits.device)
-        _logp_entropy_backward[(n_rows,)](
-            logits,
-            ids,
-            lse,
-            entropy,
-            grad_logp,
-            grad_entropy,
-            grad_lse,
-            grad,
-            logits.stride(0),
-            grad.stride(0),
-            n_vocab,
-            1.0 / temperature,
-            BLOCK=block,
-            num_warps=warps,
-        )
+        _launch(_logp_entropy_backward, _backward_tuned, n_rows, n_vocab, logits.device,
+                logits, ids, lse, entropy, grad_logp, grad_entropy, grad_lse, grad, logits.stride(0), grad.stride(0),
+                n_vocab, 1.0 / temperature)  # fmt: skip
     return grad
