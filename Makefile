@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast reproduce summaries concare bench bench-kernel bench-rl-step gpu-check gpu-wheels clean-cache
+.PHONY: help install test test-fast reproduce summaries concare bench bench-kernel bench-rl-step gpu-check gpu-wheels docs docs-serve clean-cache
 RUNS ?= runs
 
 help:  ## list the targets
@@ -81,6 +81,16 @@ gpu-check:  ## everything a GPU can tell (kernels, benchmarks, SFT/RL/QLoRA/FSDP
 
 gpu-wheels:  ## download the small pure-Python wheels the GPU machine lacks into wheels/gpu (carried with the repository)
 	$(GPU_PY) -m pip download -q --only-binary=:all: --no-deps -d wheels/gpu $(GPU_WHEELS)
+
+$(VENV)/.docs: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs  ## build the docs/ pages into a static site (site/; MkDocs, warnings are errors)
+	$(PY) -m mkdocs build --strict
+
+docs-serve: $(VENV)/.docs  ## preview the docs at http://127.0.0.1:8000
+	$(PY) -m mkdocs serve
 
 clean-cache:  ## delete the preprocessing cache
 	rm -rf $${EAGRL_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/eagrl}/datasets

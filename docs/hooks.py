@@ -1,0 +1,16 @@
+"""MkDocs hook: the site's home page is the repository's README (its ``docs/`` links made relative to ``docs/``),
+so the front page is written once."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+
+def on_files(files, config):
+    readme = Path(config["docs_dir"]).parent / "README.md"
+    text = re.sub(r"\]\(docs/", "](", readme.read_text())
+    files.append(File.generated(config, "index.md", content=text))
+    return files
