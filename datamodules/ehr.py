@@ -1,7 +1,7 @@
 """``EHRDataModule``: one LightningDataModule for TJH, MIMIC-IV and the synthetic cohort, chosen by config.
 
 Preprocessing runs once in ``prepare_data`` and is cached (see ``eagrl.data.preprocess``); ``setup``
-loads the cache. A batch is a dict of padded tensors (see ``collate_samples``); ``EHRDataset.text``
+loads the cache. A batch is a dict of padded tensors (see ``eagrl.data.batch.collate_samples``); ``EHRDataset.text``
 serialises a sample for the LLM.
 """
 
@@ -15,12 +15,12 @@ from typing import Any, Literal, Optional
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
-import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import DataLoader, Subset, Dataset
 
 from datamodules.sampling import BatchShard, make_loader
 from eagrl.data import meds, mimic_iv, synthetic, tjh
+from eagrl.data.batch import collate_samples
 from eagrl.data.cohort import SPLITS, NormStats, PreparedCohort, RawCohort
 from eagrl.data.features import DATASET_TASKS, resolve_feature_names
 from eagrl.data.preprocess import (
@@ -121,42 +121,6 @@ class EHRDataset(Dataset):
         item = self[i]
         options = {**self.text_options, **overrides}
         return serialize_patient(item["raw"], item["days"], self.cohort.raw.features, sample_id=item["id"], **options)
-
-
-def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pad a list of samples to the longest one (right padding).
-
-    Returns x [B, T, F] float32 (0 in padding), missing [B, T, F] bool (True in padding),
-    mask [B, T] bool (True on real days), lengths [B] int64, days [B, T] int64,
-    demographics [B, D] float32, label [B] float32, raw [B, T, F] float32 (NaN in padding), id list[str],
-    index [B] int64 (positions in the split's dataset, for ``EHRDataset.text``).
-    """
-    batch, longest = len(items), max(len(item["x"]) for item in items)
-    n_features = items[0]["x"].shape[1]
-    x = torch.zeros(batch, longest, n_features)
-    missing = torch.ones(batch, longest, n_features, dtype=torch.bool)
-    raw = torch.full((batch, longest, n_features), float("nan"))
-    days = torch.zeros(batch, longest, dtype=torch.long)
-    lengths = torch.tensor([len(item["x"]) for item in items])
-    for b, item in enumerate(items):
-        t = len(item["x"])
-        x[b, :t] = torch.from_numpy(item["x"])
-        missing[b, :t] = torch.from_numpy(item["missing"])
-        raw[b, :t] = torch.from_numpy(item["raw"])
-        days[b, :t] = torch.from_numpy(item["days"].astype(np.int64))
-    return {
-        "id": [item["id"] for item in items],
-        "index": torch.tensor([item.get("index", -1) for item in items]),
-        "split": [item.get("split", "") for item in items],
-        "x": x,
-        "missing": missing,
-        "mask": torch.arange(longest)[None, :] < lengths[:, None],
-        "lengths": lengths,
-        "days": days,
-        "demographics": torch.from_numpy(np.stack([item["demographics"] for item in items])),
-        "label": torch.tensor([item["label"] for item in items]),
-        "raw": raw,
-    }
 
 
 class EHRDataModule(L.LightningDataModule):

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 from datamodules.ehr import EHRDataModule
 from datamodules.sampling import make_loader
+from eagrl.data.balance import balance_patients
 from eagrl.errors import EAGRLInputError
-from eagrl.mcts.selection import balance_patients
 
 log = logging.getLogger(__name__)
 

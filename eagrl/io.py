@@ -1,6 +1,11 @@
-"""Atomic file writing: write to a temporary name in the same folder, then rename.
+"""Atomic file writing, and the checks a checkpoint or weights file passes before it is loaded.
 
-A reader never sees a half-written file; an interrupted write leaves the previous file intact.
+Writing: to a temporary name in the same folder, then rename. A reader never sees a half-written file; an
+interrupted write leaves the previous file intact.
+
+Checks: ``check_checkpoint`` (a complete archive), ``check_weights_only`` (tensors and plain values only,
+safe to unpickle), ``check_safetensors`` (a complete safetensors file); ``last_checkpoints`` lists the
+files ``--ckpt_path last`` may load.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 _UMASK = os.umask(0)
@@ -79,6 +87,32 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
             "interrupted save leaves the previous one intact)"
         )
     return path
+
+
+def check_weights_only(path: Path) -> None:
+    """Refuse a checkpoint that holds anything but tensors and plain values (unpickling it could run code)."""
+    import pickle
+
+    import torch
+
+    from eagrl.errors import EAGRLInputError
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError):
+            raise EAGRLInputError(
+                f"checkpoint {path} holds objects other than tensors and plain values, so it was not loaded "
+                f"(torch.load(weights_only=True): {first}). Pass --weights_only false only for a file you trust"
+            ) from None
+        raise EAGRLInputError(f"checkpoint {path} is not a PyTorch checkpoint that can be read ({first})") from None
+
+
+def last_checkpoints(trainer: L.Trainer) -> list[Path]:
+    """The files ``--ckpt_path last`` may load: every ``last*.ckpt`` of the checkpoint folders."""
+    folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+    return sorted(p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt") if p.is_file())
 
 
 def check_safetensors(path: str | os.PathLike, what: str) -> Path:

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from eagrl.data.expert import load_expert_attention
 from eagrl.errors import EAGRLInputError
 from eagrl.llm.parsing import FeatureMatcher
+from eagrl.llm.prompts import PromptFitter
 from eagrl.mcts.policy import LLMPolicy, PolicySampling
 from eagrl.mcts.search import Patient, SearchConfig, search
 from eagrl.mcts.selection import SelectionConfig, select_trajectories
@@ -31,7 +32,6 @@ from eagrl.mcts.store import TrajectoryStore, merge_stores
 from eagrl.models.backbone import BackboneOptions, context_length, load_backbone
 from eagrl.rl.rewards import RewardConfig
 from lightning_modules.generation import UsesGenerationEngine
-from lightning_modules.prompting import PromptFitter
 
 
 class TrajectoryWriter(BasePredictionWriter):

@@ -27,7 +27,7 @@ Logged per step (``train/``): reward, r_cls, r_att, parse_rate (strict), entropy
 eps_high_min, eps_high_max, clip_low, clip_high, ratio, kl, completion_length, groups_kept, resample_rounds,
 steps (optimiser steps), lr, loss, grad_norm, step_time (seconds).
 After fit, with ``test_after_fit``, the trained policy answers the test patients (``test/auroc``, ...).
-Checkpoints hold the LoRA weights, the optimiser and (the CLI's ``RandomState`` callback) the random state (``--ckpt_path last``
+Checkpoints hold the LoRA weights, the optimiser and (``eagrl.callbacks.RandomState``, which the CLI adds) the random state (``--ckpt_path last``
 resumes); the end of fit writes ``model/adapter`` and ``model/merged``.
 """
 
@@ -60,7 +60,7 @@ from eagrl.rl.rewards import RewardConfig, combined_reward, overlong_penalty
 from eagrl.rl.rollout import key_token_mask
 from eagrl.rl.step import UpdateConfig, optimise
 from lightning_modules.adapters import AdapterCheckpointing
-from lightning_modules.prompting import AnswerEvaluator
+from lightning_modules.answer_evaluation import AnswerEvaluator
 
 
 log = logging.getLogger(__name__)

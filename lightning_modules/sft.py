@@ -24,7 +24,7 @@ from eagrl.models.backbone import BackboneOptions, LoraOptions, load_backbone
 from eagrl.optim import lr_factor
 from eagrl.rl.rewards import RewardConfig
 from lightning_modules.adapters import AdapterCheckpointing
-from lightning_modules.prompting import AnswerEvaluator
+from lightning_modules.answer_evaluation import AnswerEvaluator
 
 
 def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,10 +1,9 @@
-"""Which searched trajectories become SFT data (METHOD.md §3): per patient, then across patients."""
+"""Which searched trajectories become SFT data (METHOD.md §3), per patient (balancing across patients: ``eagrl.data.balance``)."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from eagrl.errors import EAGRLInputError
 from eagrl.mcts.search import Trajectory
@@ -47,17 +46,3 @@ def select_trajectories(trajectories: Sequence[Trajectory], label: int, config: 
         if len(kept) == config.top_k:
             break
     return kept
-
-
-def balance_patients(records: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
-    """Keep as many positive as negative patients (all lines of a kept patient), dropping a seeded random
-    subset of the majority class's patients. ``records`` need ``id`` and ``label``."""
-    by_label: dict[int, list[str]] = {0: [], 1: []}
-    for record in records:
-        ids = by_label[int(record["label"])]
-        if record["id"] not in ids:
-            ids.append(record["id"])
-    n = min(len(by_label[0]), len(by_label[1]))
-    rng = random.Random(seed)
-    keep = set(rng.sample(by_label[0], n)) | set(rng.sample(by_label[1], n))
-    return [record for record in records if record["id"] in keep]

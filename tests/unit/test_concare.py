@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from eagrl.callbacks import measured_features, rank_features
 from eagrl.errors import EAGRLInputError
 from eagrl.evaluation import binary_metrics, bootstrap_metrics
 from eagrl.models.concare import ConCare, GroupedGRU, decov_loss
 from lightning_modules import ConCareModule
-from lightning_modules.callbacks import measured_features, rank_features
 
 
 def test_grouped_gru_equals_one_torch_gru_per_feature():

@@ -8,9 +8,10 @@ import math
 
 import pytest
 
+from eagrl.data.balance import balance_patients
 from eagrl.llm.parsing import FeatureMatcher
 from eagrl.mcts.search import Patient, SearchConfig, Step, Trajectory, search
-from eagrl.mcts.selection import SelectionConfig, balance_patients, select_trajectories
+from eagrl.mcts.selection import SelectionConfig, select_trajectories
 from eagrl.mcts.store import TrajectoryStore
 from eagrl.rl.rewards import RewardConfig
 

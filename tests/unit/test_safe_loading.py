@@ -139,7 +139,7 @@ def test_the_random_state_round_trips_through_a_checkpoint():
 
     import numpy as np
 
-    from eagrl.cli import RandomState
+    from eagrl.callbacks import RandomState
 
     callback = RandomState()
     state = callback.state_dict()
