@@ -164,7 +164,7 @@ class Plan:
             f"{key}/distill",
             ["predict", *self._config(folder, "distill"), *small, *task_args, *self._llm(),
              "--model.init_args.expert_attention", str(expert), "--trainer.default_root_dir", str(distill)],
-            [trajectories], [expert],
+            [trajectories, distill / "metrics.json"], [expert],  # metrics.json is written at the end: a half-run is not done
         )  # fmt: skip
         merged = sft / "model" / "merged"
         self._add(

@@ -52,6 +52,25 @@ def mimic_module(session_cache):
     return dm
 
 
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """The embedded SmolLM2 tokenizer, loaded once for the whole run (left padding, as generation needs it)."""
+    from eagrl.models.backbone import BackboneOptions, embedded_tokenizer
+
+    tok = embedded_tokenizer(BackboneOptions(cache_dir=str(tmp_path_factory.mktemp("models"))))
+    tok.padding_side = "left"
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny(tokenizer):
+    """A tiny random Llama with the embedded tokenizer's vocabulary (seed 0, eval mode), shared by the whole run:
+    tests read it, never train it."""
+    from eagrl.models.backbone import tiny_random_llama
+
+    return tiny_random_llama(tokenizer, seed=0).eval()
+
+
 @pytest.fixture()
 def tjh_copy(tmp_path, data_root) -> Path:
     """A private copy of the TJH files to damage (pytest's temp dir; never committed)."""

@@ -86,16 +86,19 @@ def test_a_split_file_that_is_not_a_csv(capsys, run_dir, tjh_copy, tmp_path):
     refused(capsys, run_dir, *CONCARE, *_data(tjh_copy, tmp_path / "cache"), named="tjh_clinicrealm_split_ids.csv")
 
 
+@pytest.mark.slow
 def test_a_missing_column(capsys, run_dir, tjh_copy, tmp_path):
     _rewrite_xlsx(tjh_copy, lambda f: f.drop(columns=["outcome"]))
     refused(capsys, run_dir, *CONCARE, *_data(tjh_copy, tmp_path / "cache"), named="missing required column")
 
 
+@pytest.mark.slow
 def test_an_empty_cohort(capsys, run_dir, tjh_copy, tmp_path):
     _rewrite_xlsx(tjh_copy, lambda f: f.assign(RE_DATE=pd.NaT))
     refused(capsys, run_dir, *CONCARE, *_data(tjh_copy, tmp_path / "cache"), named="cohort is empty")
 
 
+@pytest.mark.slow
 def test_a_label_that_is_not_0_or_1(capsys, run_dir, tjh_copy, tmp_path):
     _rewrite_xlsx(tjh_copy, lambda f: f.assign(outcome=f["outcome"] * 3))
     refused(capsys, run_dir, *CONCARE, *_data(tjh_copy, tmp_path / "cache"), named="'outcome' must hold 0/1")
@@ -158,6 +161,7 @@ def test_a_model_path_that_does_not_exist(capsys, run_dir, tmp_path, model_cache
     refused(capsys, run_dir, *args, named="no-model does not exist")
 
 
+@pytest.mark.slow
 def test_a_corrupted_safetensors_file(capsys, run_dir, tmp_path, model_cache, tjh_expert):
     from eagrl.models.backbone import BackboneOptions, embedded_tokenizer, tiny_random_llama
 
@@ -171,6 +175,7 @@ def test_a_corrupted_safetensors_file(capsys, run_dir, tmp_path, model_cache, tj
     refused(capsys, run_dir, *args, named="model.safetensors is not a complete safetensors file")
 
 
+@pytest.mark.slow
 def test_a_corrupted_gguf_file(run_dir, tmp_path, session_cache, tjh_expert):
     """The embedded model package damaged on disk: its GGUF is cut short (an installed package shadows it)."""
     from eagrl.models.backbone import GGUF_FILE, GGUF_PACKAGE, embedded_gguf

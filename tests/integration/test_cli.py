@@ -69,6 +69,7 @@ def test_bad_config_stops_at_start_up_naming_the_key(capsys, args, named):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", DATA_CONFIGS)
 def test_summary_prints_the_cohort_as_json(config, session_cache):
     result = run_cli("summary", "--config", config, cache=session_cache)
@@ -94,6 +95,7 @@ def test_summary_prints_the_cohort_as_json(config, session_cache):
         assert 100 < row["median"] <= row["p90"] <= row["max"]
 
 
+@pytest.mark.slow
 def test_summary_counts_prompt_tokens_of_the_configured_text_style(session_cache):
     result = run_cli("summary", "--config", "configs/tjh/data.yaml", "--data.init_args.text_style", "compact", cache=session_cache)
     assert result.returncode == 0, result.stderr
@@ -111,6 +113,7 @@ def test_summary_counts_prompt_tokens_of_the_configured_text_style(session_cache
         (["configs/mimic_iv/mortality_data.yaml", "configs/windows/mimic_iv_48h.yaml"], {"observation_hours": 48.0, "from": "ICU intime"}),
     ],
 )
+@pytest.mark.slow
 def test_the_window_overlays_give_a_windowed_summary(configs, window, session_cache):
     result = run_cli("summary", *[a for c in configs for a in ("--config", c)], "--tokenizer", "none", cache=session_cache)
     assert result.returncode == 0, result.stderr
@@ -130,6 +133,7 @@ def smoke_run(tmp_path_factory, session_cache) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_fit_leaves_the_run_bundle(smoke_run):
     for name in ("config.yaml", "metrics.json", "run_info.json", "expert_attention.jsonl", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
         assert (smoke_run / name).is_file(), name
@@ -143,6 +147,7 @@ def test_fit_leaves_the_run_bundle(smoke_run):
     assert info["seed"] == 42 and "torch" in info["versions"]
 
 
+@pytest.mark.slow
 def test_subgroup_metrics_of_a_fit_equal_a_direct_computation(smoke_run, tjh_module):
     from eagrl.evaluation.metrics import SUBGROUPS, binary_metrics
 
@@ -167,6 +172,7 @@ def test_subgroup_metrics_of_a_fit_equal_a_direct_computation(smoke_run, tjh_mod
     assert any(f"test/subgroup_{key}_auroc" not in metrics for key, _ in SUBGROUPS)  # TJH's under-50s: few deaths
 
 
+@pytest.mark.slow
 def test_expert_attention_export(smoke_run, tjh_module):
     lines = (smoke_run / "expert_attention.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -191,6 +197,7 @@ def test_expert_attention_export(smoke_run, tjh_module):
     assert mask["fraction_of_patients_changed"] > 0  # TJH is 56% missing: an unmasked top-5 names unmeasured labs
 
 
+@pytest.mark.slow
 def test_resume_from_last_continues_with_the_optimiser_state(smoke_run, session_cache):
     first = torch.load(smoke_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     steps_per_epoch = 5  # 140 training patients, batch 32
@@ -207,6 +214,7 @@ def test_resume_from_last_continues_with_the_optimiser_state(smoke_run, session_
     assert adam_steps == {3.0 * steps_per_epoch}  # the optimiser state went on from the saved one
 
 
+@pytest.mark.slow
 def test_test_subcommand_with_a_checkpoint(smoke_run, session_cache, tmp_path):
     result = run_cli(
         "test", "--config", "configs/tjh/concare.yaml", *SMOKE, "--trainer.default_root_dir", str(tmp_path),
@@ -218,6 +226,7 @@ def test_test_subcommand_with_a_checkpoint(smoke_run, session_cache, tmp_path):
     assert len((tmp_path / "expert_attention.jsonl").read_text().splitlines()) == 359
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_dataset_is_refused(smoke_run, session_cache, tmp_path):
     result = run_cli(
         "test", "--config", "configs/mimic_iv/concare_mortality.yaml", *SMOKE, "--trainer.default_root_dir", str(tmp_path),
@@ -227,6 +236,7 @@ def test_a_checkpoint_of_another_dataset_is_refused(smoke_run, session_cache, tm
     assert "was trained on 73 features, this data has 17: features missing from" in result.stderr
 
 
+@pytest.mark.slow
 def test_mimic_readmission_smoke_fit(session_cache, tmp_path):
     result = run_cli(
         "fit", "--config", "configs/mimic_iv/concare_readmission.yaml", *SMOKE, "--trainer.default_root_dir", str(tmp_path),
@@ -258,6 +268,7 @@ def subset_run(tmp_path_factory, session_cache) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_feature_subset_fit_follows_the_named_labs(subset_run):
     """ConCare, its checkpoint and the expert export use only the named labs."""
     wanted = ["Lactate dehydrogenase", "High sensitivity C-reactive protein", "(%)lymphocyte"]  # beside Sex and Age
@@ -288,6 +299,7 @@ def _external_cohort(path: Path, ldh_scale: float = 1.0, patients: int = 40) -> 
     return path
 
 
+@pytest.mark.slow
 def test_an_external_cohort_with_three_labs_is_scored_by_a_checkpoint(subset_run, session_cache, tmp_path):
     """External validation (issue 18): a spreadsheet with three labs, no age or sex and other dates, under
     ``split: all``, normalised with the checkpoint's training statistics."""

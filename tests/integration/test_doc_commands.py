@@ -57,6 +57,7 @@ def test_the_docs_hold_commands_and_placeholders_are_skipped_explicitly():
     assert all(any(p in c for p in PLACEHOLDERS) for c in skipped)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page, command", RUNNABLE, ids=[f"{p}:{k}" for k, (p, _) in enumerate(RUNNABLE)])
 def test_a_documented_command_parses(page, command, capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["python -m eagrl"])
@@ -76,6 +77,7 @@ def test_a_renamed_key_in_a_snippet_fails(capsys, monkeypatch):
     assert code == 2 and "concare_renamed.yaml" in err
 
 
+@pytest.mark.slow
 def test_the_docs_build_with_warnings_as_errors(tmp_path):
     """``make docs``: ``mkdocs build --strict`` (a broken link or anchor fails)."""
     import subprocess

@@ -15,6 +15,8 @@ from eagrl.errors import EAGRLInputError
 from eagrl.paths import data_dir
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` skips them
+
 DEMO = "mimic-iv-demo"
 EVENTS = f"{DEMO}/meds_fallback/mimic_iv_demo_meds_events.parquet"
 

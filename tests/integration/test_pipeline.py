@@ -72,6 +72,7 @@ def test_paper_profile_without_a_gpu_or_model_stops_before_any_work(tmp_path):
     assert not any(Path(tmp_path).iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", ["cpu", "quick", "smoke"])
 def test_every_stage_command_of_the_plan_parses(profile, tmp_path, capsys, monkeypatch):
     import yaml
@@ -103,3 +104,17 @@ def test_every_stage_command_of_the_plan_parses(profile, tmp_path, capsys, monke
     assert configs["tjh/sft"]["trainer"]["limit_train_batches"] == 1.0 and configs["tjh/sft"]["trainer"]["max_epochs"] >= 1
     assert [n for n in configs if n.startswith("synthetic/")] == [f"synthetic/{s}" for s in ("concare", "prompting_decomposition", "distill", "sft", "rl_grpo", "rl")]
     assert all(data(n)["dataset"] == "synthetic" for n in configs if n.startswith("synthetic/"))
+
+
+def test_a_half_written_distillation_is_not_done(tmp_path):
+    """A search killed mid-way leaves trajectories.jsonl behind; the stage is done only once metrics.json (written at
+    the end of predict) is there too, so a resumed pipeline finishes the search instead of fine-tuning on part of it."""
+    stage = next(s for s in Plan("smoke", tmp_path).stages if s.name == "tjh/distill")
+    expert, (trajectories, metrics) = stage.inputs[0], stage.outputs
+    for path in (expert, trajectories):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    expert.write_text("")
+    trajectories.write_text('{"id": "1"}\n')
+    assert not stage.done()
+    metrics.write_text("{}")
+    assert stage.done()

@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` skips them
+
 SMOKE = ["--config", "configs/smoke/prompting.yaml"]
 
 

@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` skips them
+
 DISTILL = ["--config", "configs/tjh/distill.yaml", "--config", "configs/smoke/distill.yaml"]
 SFT = ["--config", "configs/tjh/sft.yaml", "--config", "configs/smoke/sft.yaml"]
 

@@ -12,6 +12,8 @@ import torch
 from eagrl.cli import main
 from tests.conftest import REPO, run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` skips them
+
 RL_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("*/rl*.yaml") if p.parent.name not in ("smoke", "rl", "reproduce", "sweeps"))
 VARIANTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs/rl").glob("*.yaml"))
 SMOKE = ["--config", "configs/tjh/rl.yaml", "--config", "configs/smoke/rl.yaml"]

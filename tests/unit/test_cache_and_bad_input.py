@@ -64,6 +64,7 @@ def _built(root, cache, **kwargs) -> bool:
     )[1]
 
 
+@pytest.mark.slow
 def test_cache_invalidation_on_source_version_and_option(tjh_copy, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     assert _built(tjh_copy, cache) is True
@@ -90,6 +91,7 @@ def test_damaged_cache_is_rebuilt_not_trusted(tjh_copy, tmp_path):
     assert (again.normalised == good.normalised).all()
 
 
+@pytest.mark.slow
 def test_failed_rebuild_leaves_earlier_cache_intact(tjh_copy, tmp_path):
     cache = tmp_path / "cache"
     _module(tjh_copy, cache).load_cohort()
@@ -118,12 +120,14 @@ def test_not_a_spreadsheet(tjh_copy, tmp_path):
         _module(tjh_copy, tmp_path / "cache").load_cohort()
 
 
+@pytest.mark.slow
 def test_missing_column(tjh_copy, tmp_path):
     _rewrite_xlsx(tjh_copy, lambda f: f.drop(columns=["outcome"]))
     with pytest.raises(EAGRLInputError, match=r"missing required column.*outcome"):
         _module(tjh_copy, tmp_path / "cache").load_cohort()
 
 
+@pytest.mark.slow
 def test_non_numeric_value(tjh_copy, tmp_path):
     def edit(frame):
         frame["albumin"] = frame["albumin"].astype(object)
@@ -135,12 +139,14 @@ def test_non_numeric_value(tjh_copy, tmp_path):
         _module(tjh_copy, tmp_path / "cache").load_cohort()
 
 
+@pytest.mark.slow
 def test_label_not_binary(tjh_copy, tmp_path):
     _rewrite_xlsx(tjh_copy, lambda f: f.assign(outcome=f["outcome"] * 3))
     with pytest.raises(EAGRLInputError, match="'outcome' must hold 0/1"):
         _module(tjh_copy, tmp_path / "cache").load_cohort()
 
 
+@pytest.mark.slow
 def test_empty_cohort(tjh_copy, tmp_path):
     _rewrite_xlsx(tjh_copy, lambda f: f.assign(RE_DATE=pd.NaT))
     with pytest.raises(EAGRLInputError, match="cohort is empty"):

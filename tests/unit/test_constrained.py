@@ -12,20 +12,8 @@ from eagrl.llm.parsing import FeatureMatcher, section
 from eagrl.llm.prompts import build_prompt
 from eagrl.mcts.policy import LLMPolicy, PolicySampling
 from eagrl.mcts.search import Step
-from eagrl.models.backbone import BackboneOptions, embedded_tokenizer, tiny_random_llama
 
 NAMES = ["Lactate", "Creatinine", "Albumin", "Age", "Albumin/globulin ratio", "Heart rate"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return embedded_tokenizer(BackboneOptions(cache_dir=str(tmp_path_factory.mktemp("models"))))
-
-
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    tokenizer.padding_side = "left"
-    return tiny_random_llama(tokenizer, seed=0).eval()
 
 
 def _ids(tokenizer, text: str) -> list[int]:

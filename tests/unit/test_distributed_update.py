@@ -17,6 +17,8 @@ from eagrl.models.backbone import BackboneOptions, LoraOptions, load_backbone
 from eagrl.rl.grpo import Rollout, group_advantages
 from eagrl.rl.step import UpdateConfig, optimise
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` skips them
+
 TOLERANCE = 1e-5  # relative, on the loss and statistics; 1e-6 absolute on the updated weights
 CONFIG = UpdateConfig(ppo_epochs=2, adaptive_clip=True, kl_coef=0.05, backend="torch")
 

@@ -18,7 +18,7 @@ from eagrl.llm.generation import (
     sample_groups,
 )
 from eagrl.llm.prompts import build_prompt
-from eagrl.models.backbone import BackboneOptions, embedded_tokenizer, generation_engine, load_backbone, tiny_random_llama
+from eagrl.models.backbone import BackboneOptions, generation_engine, load_backbone, tiny_random_llama
 from eagrl.errors import EAGRLInputError
 
 ENGINES = {
@@ -26,17 +26,6 @@ ENGINES = {
     "dynamic": Engine(decode_cache="dynamic"),
     "chunked-prefill": Engine(prefill_chunk=7),
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return embedded_tokenizer(BackboneOptions(cache_dir=str(tmp_path_factory.mktemp("models"))))
-
-
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    tokenizer.padding_side = "left"
-    return tiny_random_llama(tokenizer, seed=0).eval()
 
 
 def _prompts(tokenizer) -> list[str]:

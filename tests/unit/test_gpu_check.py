@@ -31,8 +31,19 @@ def test_a_missing_package_skips_its_part_and_the_others_run(monkeypatch, tmp_pa
 
     monkeypatch.setattr(gpu_check, "_cuda", lambda: (True, "a pretend GPU"))
     monkeypatch.setattr(gpu_check, "install_wheels", lambda: [])
-    monkeypatch.setattr(gpu_check, "PARTS", {"qlora": (5, ["a_package_that_is_not_there"]), "fsdp": (5, [])})
+    monkeypatch.setattr(gpu_check, "PARTS", {"qlora": (30, ["a_package_that_is_not_there"]), "fsdp": (30, [])})
     monkeypatch.setattr(gpu_check, "part_fsdp", lambda out, limit, log: {"gpus": 1})
     record = gpu_check.check(["qlora", "fsdp"], tmp_path)
     assert record["parts"]["qlora"] == {"status": "skipped", "reason": "missing: a_package_that_is_not_there"}
     assert record["parts"]["fsdp"]["status"] == "passed" and record["parts"]["fsdp"]["gpus"] == 1
+
+
+def test_a_part_gets_only_what_is_left_of_the_budget(monkeypatch, tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "_cuda", lambda: (True, "a pretend GPU"))
+    monkeypatch.setattr(gpu_check, "install_wheels", lambda: [])
+    monkeypatch.setattr(gpu_check, "BUDGET", 5)
+    record = gpu_check.check(["fsdp"], tmp_path)
+    assert record["parts"]["fsdp"] == {"status": "skipped", "reason": "the check's 5 s were spent"}

@@ -17,22 +17,11 @@ from eagrl.errors import EAGRLInputError
 from eagrl.llm.generation import SamplingOptions, generate, yes_no_probability
 from eagrl.llm.parsing import FeatureMatcher, parse_answer, parse_probability
 from eagrl.llm.prompts import STYLES, build_prompt, messages
-from eagrl.models.backbone import BackboneOptions, LoraOptions, embedded_tokenizer, load_backbone, tiny_random_llama
+from eagrl.models.backbone import BackboneOptions, LoraOptions, load_backbone
 from eagrl.rl.rewards import RewardConfig, attention_alignment, classification_reward, combined_reward
 
 TJH_NAMES = [f.name for f in TJH_FEATURES]
 MIMIC_NAMES = [f.name for f in MIMIC_FEATURES]
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    return embedded_tokenizer(BackboneOptions(cache_dir=str(tmp_path_factory.mktemp("models"))))
-
-
-@pytest.fixture(scope="session")
-def tiny(tokenizer):
-    tokenizer.padding_side = "left"
-    return tiny_random_llama(tokenizer, seed=0).eval()
 
 
 # ------------------------------------------------------------------------------------------ parsing

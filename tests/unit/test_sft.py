@@ -6,12 +6,7 @@ import pytest
 import torch
 
 from eagrl.llm.sft import sft_batch
-from eagrl.models.backbone import BackboneOptions, embedded_tokenizer, tiny_random_llama
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return embedded_tokenizer(BackboneOptions(cache_dir=str(tmp_path_factory.mktemp("models"))))
+from eagrl.models.backbone import BackboneOptions, tiny_random_llama
 
 
 def test_prompt_and_padding_are_masked(tokenizer):
