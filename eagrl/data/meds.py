@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from eagrl.data.cohort import RawCohort
 from eagrl.data.features import MIMIC_VARIABLES
-from eagrl.data.mimic_iv import CONVERSIONS, assemble_stays, convert_units, implausible_values, reduce_daily, stay_labels
+from eagrl.data.mimic_iv import CONVERSIONS, assemble_stays, check_options, convert_units, implausible_values, reduce_daily, stay_labels
 from eagrl.errors import EAGRLInputError
 from eagrl.paths import require_file
 
@@ -240,8 +240,7 @@ def load_meds(
     readmission_level: str = "icu",
 ) -> RawCohort:
     """Every ICU stay of a MEDS events table (excluded ones with no rows and their reason; see the module docstring)."""
-    if chunk_size <= 0:
-        raise EAGRLInputError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    check_options(chunk_size, max_steps, observation_hours, readmission_level)
     exact, prefixes = read_mapping(mapping_path(mapping_file))
     found = _structure(events_file, chunk_size, progress)
     stays, admissions, patients, notes = _stays(events_file, found)

@@ -238,6 +238,18 @@ def _exclusions(stays: pd.DataFrame, has_value: np.ndarray, observation_hours: f
     return reason.astype(str)
 
 
+def check_options(chunk_size: int, max_steps: int, observation_hours: float | None, readmission_level: str) -> None:
+    """One clear error for a reader option out of range (the MIMIC-IV and MEDS readers share them)."""
+    if chunk_size <= 0:
+        raise EAGRLInputError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    if max_steps <= 0:
+        raise EAGRLInputError(f"max_steps must be a positive number of days, got {max_steps}")
+    if observation_hours is not None and observation_hours <= 0:
+        raise EAGRLInputError(f"observation_hours must be a positive number of hours, got {observation_hours}")
+    if readmission_level not in ("icu", "hospital"):
+        raise EAGRLInputError(f"readmission_level must be 'icu' or 'hospital', got {readmission_level!r}")
+
+
 def load_mimic_iv(
     data_dir: Path,
     chunk_size: int = 1_000_000,
@@ -250,14 +262,7 @@ def load_mimic_iv(
 
     ``labels["readmission"]`` follows ``readmission_level`` (``icu`` or ``hospital``).
     """
-    if chunk_size <= 0:
-        raise EAGRLInputError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-    if max_steps <= 0:
-        raise EAGRLInputError(f"max_steps must be a positive number of days, got {max_steps}")
-    if observation_hours is not None and observation_hours <= 0:
-        raise EAGRLInputError(f"observation_hours must be a positive number of hours, got {observation_hours}")
-    if readmission_level not in ("icu", "hospital"):
-        raise EAGRLInputError(f"readmission_level must be 'icu' or 'hospital', got {readmission_level!r}")
+    check_options(chunk_size, max_steps, observation_hours, readmission_level)
     stays_path, adm_path, pat_path = data_dir / ICUSTAYS, data_dir / ADMISSIONS, data_dir / PATIENTS
     stays = _read_csv(stays_path, ["subject_id", "hadm_id", "stay_id", "intime", "outtime"], "MIMIC-IV icustays")
     _dates(stays, ["intime", "outtime"], stays_path)

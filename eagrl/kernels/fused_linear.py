@@ -29,7 +29,6 @@ from typing import Literal, Optional
 import torch
 
 from eagrl.errors import EAGRLInputError
-from eagrl.kernels.reference import token_logp_entropy_reference
 
 STATS = ("clip_low", "clip_high", "ratio", "kl")
 DEFAULT_CHUNK_ELEMENTS = 1 << 25  # rows per chunk: C·V ≈ 32 M logits (128 MiB in fp32)
@@ -231,12 +230,8 @@ def fused_linear_policy_loss(
 
 
 def unfused_policy_loss(hidden, weight, ids, old_logp, advantages, agg_weights, eps_high, ref_logp, eps_low, kl_coef, temperature):
-    """Today's path in plain autograd (the tests' and the benchmark's baseline): the logits [N, V], the reference
-    log-prob/entropy op and ``eagrl.rl.grpo.clipped_surrogate``."""
-    from eagrl.rl.grpo import clipped_surrogate
+    """Today's path (the tests' and the benchmark's baseline): the logits [N, V], then ``eagrl.rl.grpo.policy_loss`` on
+    the PyTorch reference op."""
+    from eagrl.rl.grpo import policy_loss
 
-    logits = hidden @ weight.t()  # [N, V]
-    logp, entropy, _ = token_logp_entropy_reference(logits, ids, temperature)
-    old = logp.detach() if old_logp is None else old_logp
-    loss, stats = clipped_surrogate(logp, old, advantages, agg_weights, eps_low, eps_high, ref_logp if kl_coef > 0 else None, kl_coef)
-    return loss, logp.detach(), entropy.detach(), stats
+    return policy_loss(hidden @ weight.t(), ids, old_logp, advantages, agg_weights, eps_high, ref_logp, eps_low, kl_coef, temperature, "torch")
