@@ -141,7 +141,7 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         loss_backend: ``fused_linear`` (the loss from the final hidden states in chunks of rows, never holding the
             completion logits: ``eagrl.kernels.fused_linear``; Triton kernels per chunk where they run, else
             PyTorch), ``triton`` or ``torch`` (the logits, then the fused op's Triton kernel or its PyTorch
-            reference), or ``auto``: ``fused_linear`` on a CPU (there 0.47x the time and 0.08x the peak memory of
+            reference), or ``auto``: ``fused_linear`` on a CPU (there 0.33x the time and 0.08x the peak memory of
             the logits path: the README's "Kernel" figures), ``triton`` on a CUDA GPU (the fused linear loss has no
             GPU figures yet).
         compile_loss: run the loss under ``torch.compile(fullgraph=True, dynamic=True)``.
