@@ -26,11 +26,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv/ and install the project (editable, with test extras)
 
-test: install  ## run the test suite (offline, CPU; slow tests included)
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q
+# pytest-xdist workers of make test / test-fast, each running one test file at a time (its module-wide fixtures made
+# once); WORKERS=0: one process
+WORKERS ?= 2
+
+test: install  ## run the test suite (offline, CPU; slow tests included) on $(WORKERS) workers
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 test-fast: install  ## run the test suite without the tests marked slow
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow"
 
 summaries: install  ## print the cohort summary of every shipped dataset/task
 	@mkdir -p results

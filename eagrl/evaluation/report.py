@@ -189,6 +189,35 @@ def paired_differences(runs: Path, n_bootstrap: int = PAIRED_RESAMPLES, seed: in
     return out
 
 
+TRAINED_ROWS = ("SFT", "GRPO", "DAPO", "EAG-RL")
+DIFFER_AIM = 0.10  # the trained rows should differ pairwise in at least 10% of their test ŷ (else the table shows one model)
+
+
+def answer_differences(runs: Path) -> dict[str, dict[str, Optional[dict[str, Any]]]]:
+    """Per dataset column (the synthetic one too), per pair of ``TRAINED_ROWS``: on the test patients both answered,
+    the share whose ŷ differs (by more than 1e-6; an unparsed answer is 0.5). Rows of identical models show 0%."""
+    names = dict(MAIN)
+    out: dict[str, dict[str, Optional[dict[str, Any]]]] = {}
+    for key, _, folder, suffix in ALL_COLUMNS:
+        found = {row: predictions_by_id(runs / folder / f"{names[row]}{suffix}") for row in TRAINED_ROWS}
+        out[key] = {}
+        for i, a in enumerate(TRAINED_ROWS):
+            for b in TRAINED_ROWS[i + 1 :]:
+                out[key][f"{a} vs {b}"] = yhat_difference(found[a], found[b])
+    return out
+
+
+def yhat_difference(found_a: Optional[dict[str, tuple[float, int]]], found_b: Optional[dict[str, tuple[float, int]]]) -> Optional[dict[str, Any]]:
+    """{"patients": shared test patients, "differ": the share of them whose ŷ differs between the two runs}."""
+    if found_a is None or found_b is None:
+        return None
+    shared = sorted(set(found_a) & set(found_b))
+    if not shared:
+        return {"patients": 0, "differ": None}
+    differ = sum(abs(found_a[i][0] - found_b[i][0]) > 1e-6 for i in shared)
+    return {"patients": len(shared), "differ": differ / len(shared)}
+
+
 def paired_on_shared(
     found_a: Optional[dict[str, tuple[float, int]]], found_b: Optional[dict[str, tuple[float, int]]], n_bootstrap: int = PAIRED_RESAMPLES, seed: int = 0
 ) -> Optional[dict[str, Any]]:
@@ -230,6 +259,7 @@ def collect(runs: Path) -> dict[str, Any]:
     cross = {row: cell(runs / "cross" / name) for row, name in CROSS}
     return {
         "main": main, "ablation": ablation, "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs),
+        "answer_differences": answer_differences(runs),
         "calibration": calibration_table(runs), "subgroups": subgroup_table(runs), "synthetic": synthetic_check(runs), "reward_trends": reward_trends(runs), "seeds": seed_runs(runs), "stage1": {key: stage1_summary(runs / folder / f"distill{suffix}") for key, _, folder, suffix in ALL_COLUMNS},
     }  # fmt: skip
 
@@ -447,6 +477,23 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
                 one = lambda m: f"{100 * d[f'delta_{m}']:+.1f} [{100 * d[f'delta_{m}_ci_low']:+.1f}, {100 * d[f'delta_{m}_ci_high']:+.1f}]"  # noqa: E731
                 cells.append(f"{one('auroc')} | {one('auprc')} | {d['patients']}")
         lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Do the trained models answer differently?", "",
+              f"Per pair of trained rows: the share of the test patients both answered whose ŷ differs (an unparsed answer "
+              f"counts as 0.5). Below {100 * DIFFER_AIM:.0f}% (marked ✗) the two rows are nearly one model and their AUROCs "
+              "cannot tell the methods apart.", ""]  # fmt: skip
+    diffs = results.get("answer_differences", {})
+    lines += ["| pair | " + " | ".join(f"{title} | n" for _, title, _, _ in ALL_COLUMNS) + " |", "|---" * (1 + 2 * len(ALL_COLUMNS)) + "|"]
+    for i, a in enumerate(TRAINED_ROWS):
+        for b in TRAINED_ROWS[i + 1 :]:
+            cells = []
+            for key, *_ in ALL_COLUMNS:
+                d = diffs.get(key, {}).get(f"{a} vs {b}")
+                if d is None or d["differ"] is None:
+                    cells.append(f"— | {0 if d is None else d['patients']}")
+                else:
+                    cells.append(f"{100 * d['differ']:.0f}%{'' if d['differ'] >= DIFFER_AIM else ' ✗'} | {d['patients']}")
+            lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
 
     lines += ["", "## LLM answers on the test patients", "",
               "Strict parse rate: answers whose `<Final Answer>` holds a probability (the reading the RL reward uses); "

@@ -7,7 +7,8 @@
   ``--no-deps`` and never imported: its own dependencies cannot install). The first load dequantises the
   GGUF to float32 through transformers (~35 s) and saves tokenizer and model as safetensors under
   ``<cache>/models/smollm2-135m-instruct`` (~517 MiB, written to a temporary folder and renamed); later
-  loads read that (~0.5 s).
+  loads read that (~0.5 s). Processes sharing a cache (the ranks of a first DDP run, parallel test workers)
+  convert under a file lock (``filelock``), so one converts and the others wait and read its result.
 - ``tiny-random-llama``: a 2-layer Llama with random (seeded) weights and the SmolLM2 tokenizer, for tests
   and smoke runs of the pipeline. Its outputs are noise.
 - anything else: a Hugging Face hub id (``Qwen/Qwen2.5-7B-Instruct``) or a local directory, through
@@ -28,6 +29,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from filelock import FileLock
 from typing import Any, Literal, Optional
 
 import torch
@@ -182,13 +185,20 @@ def embedded_tokenizer(options: BackboneOptions | None = None):
     options = options or BackboneOptions()
     folder = _models_dir(options) / "smollm2-135m-instruct-tokenizer"
     if not _complete(folder, "tokenizer"):
-        gguf = check_gguf(embedded_gguf())
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=folder.parent))
-        tokenizer.save_pretrained(tmp)
-        _publish(tmp, folder, "tokenizer", gguf)
+        with _conversion_lock(folder):
+            if not _complete(folder, "tokenizer"):  # another process may have converted it while this one waited
+                gguf = check_gguf(embedded_gguf())
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=folder.parent))
+                tokenizer.save_pretrained(tmp)
+                _publish(tmp, folder, "tokenizer", gguf)
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _conversion_lock(folder: Path) -> FileLock:
+    """A lock beside ``folder``: one process converts, the others sharing the cache wait for it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder.parent / f".{folder.name}.lock"))
 
 
 def _convert_embedded(folder: Path) -> None:
@@ -287,7 +297,9 @@ def load_backbone(options: BackboneOptions | None = None):
     elif options.name.lower() == EMBEDDED:
         folder = _models_dir(options) / "smollm2-135m-instruct"
         if not _complete(folder, "model") or not _intact(folder):
-            _convert_embedded(folder)
+            with _conversion_lock(folder):
+                if not _complete(folder, "model") or not _intact(folder):  # converted by another process meanwhile?
+                    _convert_embedded(folder)
         model, tokenizer = _load_pretrained(str(folder), options, dtype)
     elif options.name.startswith("embedded:"):
         raise EAGRLInputError(f"backbone.name: unknown embedded model {options.name!r}; the embedded one is {EMBEDDED!r}")

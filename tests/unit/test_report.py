@@ -215,3 +215,25 @@ def test_subgroup_metrics_and_their_report_table(tmp_path):
     text = (tmp_path / "results" / "results.md").read_text()
     assert f"| TJH mortality | ConCare | {100 * found['subgroup_sex_male_auroc']:.1f} (n 60, n+ 20) |" in text
     assert f"too small (n 19, n+ {int(found['subgroup_age_lt50_positives'])})" in text
+
+
+def test_the_share_of_differing_answers_between_trained_rows(tmp_path):
+    """SFT and GRPO answer 10 shared patients; 3 ŷ differ (one of them unparsed, read as 0.5) -> 30%; an identical
+    copy of SFT as DAPO -> 0%, marked below the 10% aim; a pair with a missing run -> none."""
+    runs = tmp_path / "runs" / "tjh"
+    sft = [0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.05, 0.95]
+    grpo = list(sft)
+    grpo[0], grpo[3], grpo[7] = 0.2, 0.7000001, None  # 0.7000001: within 1e-6, the same answer
+    grpo[5] = 0.5
+    for name, ys in (("sft", sft), ("rl_grpo", grpo), ("rl_dapo", sft)):
+        (runs / name).mkdir(parents=True)
+        rows = [{"id": f"s{k}", "split": "test", "label": k % 2, "y_hat": y} for k, y in enumerate(ys)]
+        rows.append({"id": "val0", "split": "val", "label": 0, "y_hat": 0.3 if name == "sft" else 0.9})  # not a test patient
+        (runs / name / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = build(tmp_path / "runs", tmp_path / "results")
+    tjh = results["answer_differences"]["tjh"]
+    assert tjh["SFT vs GRPO"] == {"patients": 10, "differ": pytest.approx(0.3)}
+    assert tjh["SFT vs DAPO"] == {"patients": 10, "differ": 0.0}
+    assert tjh["SFT vs EAG-RL"] is None
+    text = (tmp_path / "results" / "results.md").read_text()
+    assert "| SFT vs GRPO | — | 0 | 30% | 10 |" in text and "| SFT vs DAPO | — | 0 | 0% ✗ | 10 |" in text

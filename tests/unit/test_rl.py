@@ -201,6 +201,7 @@ def test_the_fused_linear_update_equals_the_logits_path():
     for fused in (False, True):
         torch.manual_seed(0)
         model, tokenizer = load_backbone(BackboneOptions(name="tiny-random-llama", lora=LoraOptions(rank=4, alpha=8, dropout=0.0)))
+        model.double()  # float64: at lr 20, float32 round-off (which depends on the thread count) moved a weight by 2e-5
         prompt = "The patient is stable. Answer:"
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         torch.manual_seed(1)
@@ -222,4 +223,4 @@ def test_the_fused_linear_update_equals_the_logits_path():
         assert stats_fused[name] == pytest.approx(stats_logits[name], rel=1e-4, abs=1e-6), name
     assert stats_logits["ratio"] != 1.0
     for name, value in weights_logits.items():
-        torch.testing.assert_close(weights_fused[name], value, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(weights_fused[name], value, atol=1e-9, rtol=1e-7)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,28 @@ def test_a_damaged_cached_conversion_is_reported_and_converted_again(tmp_path, c
     with caplog.at_level("WARNING"):
         assert not _intact(folder)
     assert "not a complete safetensors file" in caplog.text and "converting again" in caplog.text
+
+
+def test_processes_sharing_a_cache_convert_once_under_a_lock(tmp_path, tokenizer, monkeypatch):
+    """While another process holds the conversion lock, a load waits; when that one has published the tokenizer,
+    the waiting load reads it instead of converting (and replacing the folder under a reader) again."""
+    import threading
+
+    from filelock import FileLock
+
+    from eagrl.models import backbone
+
+    published = []
+    monkeypatch.setattr(backbone, "_publish", lambda *args: published.append(args))
+    folder = tmp_path / "smollm2-135m-instruct-tokenizer"
+    loaded = []
+    with FileLock(str(tmp_path / f".{folder.name}.lock")):  # "another process" is converting
+        waiting = threading.Thread(target=lambda: loaded.append(backbone.embedded_tokenizer(backbone.BackboneOptions(cache_dir=str(tmp_path)))))
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not loaded  # it waits for the lock
+        tokenizer.save_pretrained(folder)  # the other process's result, complete with its manifest
+        (folder / "eagrl_manifest.json").write_text(json.dumps({"version": backbone.CONVERSION_VERSION, "what": "tokenizer"}))
+    waiting.join(timeout=60)
+    assert loaded and loaded[0].vocab_size == tokenizer.vocab_size
+    assert published == []  # read, not converted again
