@@ -33,7 +33,7 @@ WORKERS ?= 2
 test: install  ## run the test suite (offline, CPU; slow tests included) on $(WORKERS) workers
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
-test-fast: install  ## run the test suite without the tests marked slow
+test-fast: install  ## run the test suite without the tests marked slow, on $(WORKERS) workers
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow"
 
 summaries: install  ## print the cohort summary of every shipped dataset/task

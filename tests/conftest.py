@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not any(os.path.exists(f"/dev/nvidia{i}") for i in range(8)):  # no GPU: the Triton kernels run interpreted
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# make test runs 2 pytest-xdist workers (one test file each at a time): one thread each, and so their processes
+# make test runs pytest-xdist workers (WORKERS, one test file each at a time): one thread each, and so their processes
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -28,7 +28,7 @@ def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"].split(",")[0]))
 
 
 @pytest.fixture(scope="session")

@@ -437,7 +437,7 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     lines += [
         f"- LLM backbone(s): {', '.join(facts.get('llm_backbones') or ['?'])}",
         f"- runs written between {' and '.join(facts.get('runs_between') or ['?'])} on {facts['machine']}",
-        f"- git revision {facts.get('git_revision', '?')}; torch {versions.get('torch', '?')}, transformers {versions.get('transformers', '?')}",
+        f"- git revision of the latest run {facts.get('git_revision', '?')}; torch {versions.get('torch', '?')}, transformers {versions.get('transformers', '?')}",
         "- data: TJH (published split) and the MIMIC-IV Clinical Database Demo v2.2 (stratified split); sizes: see n",
         "",
     ]

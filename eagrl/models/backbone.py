@@ -20,6 +20,7 @@ bitsandbytes (CUDA only), gradient checkpointing, the attention implementation.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -29,11 +30,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from filelock import FileLock
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
+from filelock import FileLock, Timeout
 
 from eagrl.errors import EAGRLInputError
 from eagrl.io import check_safetensors
@@ -195,10 +195,20 @@ def embedded_tokenizer(options: BackboneOptions | None = None):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def _conversion_lock(folder: Path) -> FileLock:
-    """A lock beside ``folder``: one process converts, the others sharing the cache wait for it."""
+@contextlib.contextmanager
+def _conversion_lock(folder: Path) -> Iterator[None]:
+    """A lock beside ``folder``: one process converts, the others sharing the cache wait for it (and say so)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder.parent / f".{folder.name}.lock"))
+    lock = FileLock(str(folder.parent / f".{folder.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("waiting for another process converting the embedded model into %s (lock %s)", folder, lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _convert_embedded(folder: Path) -> None:

@@ -179,17 +179,19 @@ def test_processes_sharing_a_cache_convert_once_under_a_lock(tmp_path, tokenizer
 
     from eagrl.models import backbone
 
-    published = []
+    published, converting = [], []
     monkeypatch.setattr(backbone, "_publish", lambda *args: published.append(args))
+    real_check = backbone.check_gguf
+    monkeypatch.setattr(backbone, "check_gguf", lambda path: converting.append(path) or real_check(path))  # a conversion's first step
     folder = tmp_path / "smollm2-135m-instruct-tokenizer"
     loaded = []
     with FileLock(str(tmp_path / f".{folder.name}.lock")):  # "another process" is converting
-        waiting = threading.Thread(target=lambda: loaded.append(backbone.embedded_tokenizer(backbone.BackboneOptions(cache_dir=str(tmp_path)))))
+        waiting = threading.Thread(target=lambda: loaded.append(backbone.embedded_tokenizer(backbone.BackboneOptions(cache_dir=str(tmp_path)))), daemon=True)
         waiting.start()
         waiting.join(timeout=1.0)
-        assert waiting.is_alive() and not loaded  # it waits for the lock
+        assert waiting.is_alive() and not loaded and not converting  # it waits for the lock, not converting
         tokenizer.save_pretrained(folder)  # the other process's result, complete with its manifest
         (folder / "eagrl_manifest.json").write_text(json.dumps({"version": backbone.CONVERSION_VERSION, "what": "tokenizer"}))
     waiting.join(timeout=60)
     assert loaded and loaded[0].vocab_size == tokenizer.vocab_size
-    assert published == []  # read, not converted again
+    assert published == [] and converting == []  # read, not converted again
