@@ -31,10 +31,10 @@ install: $(VENV)/.installed  ## create .venv/ and install the project (editable,
 WORKERS ?= 2
 
 test: install  ## run the test suite (offline, CPU; slow tests included) on $(WORKERS) workers
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -n $(WORKERS) --dist loadfile
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install  ## run the test suite without the tests marked slow, on $(WORKERS) workers
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow"
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 summaries: install  ## print the cohort summary of every shipped dataset/task
 	@mkdir -p results

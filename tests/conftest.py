@@ -24,6 +24,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under xdist: the files holding slow tests first (keeping their order), so the two workers start on the long files
+    and the short ones fill the end. ``--no-loadscope-reorder`` (the Makefile) makes xdist hand files out in this order
+    instead of by their number of tests, which put the long files with few tests last: one worker ran them alone."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the same order on every worker (xdist checks it)
+        slow = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.path not in slow)
+
+
 def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
