@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -190,6 +191,7 @@ def paired_differences(runs: Path, n_bootstrap: int = PAIRED_RESAMPLES, seed: in
 
 
 TRAINED_ROWS = ("SFT", "GRPO", "DAPO", "EAG-RL")
+TRAINED_PAIRS = list(itertools.combinations(TRAINED_ROWS, 2))
 DIFFER_AIM = 0.10  # the trained rows should differ pairwise in at least 10% of their test ŷ (else the table shows one model)
 
 
@@ -200,10 +202,7 @@ def answer_differences(runs: Path) -> dict[str, dict[str, Optional[dict[str, Any
     out: dict[str, dict[str, Optional[dict[str, Any]]]] = {}
     for key, _, folder, suffix in ALL_COLUMNS:
         found = {row: predictions_by_id(runs / folder / f"{names[row]}{suffix}") for row in TRAINED_ROWS}
-        out[key] = {}
-        for i, a in enumerate(TRAINED_ROWS):
-            for b in TRAINED_ROWS[i + 1 :]:
-                out[key][f"{a} vs {b}"] = yhat_difference(found[a], found[b])
+        out[key] = {f"{a} vs {b}": yhat_difference(found[a], found[b]) for a, b in TRAINED_PAIRS}
     return out
 
 
@@ -484,16 +483,15 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
               "cannot tell the methods apart.", ""]  # fmt: skip
     diffs = results.get("answer_differences", {})
     lines += ["| pair | " + " | ".join(f"{title} | n" for _, title, _, _ in ALL_COLUMNS) + " |", "|---" * (1 + 2 * len(ALL_COLUMNS)) + "|"]
-    for i, a in enumerate(TRAINED_ROWS):
-        for b in TRAINED_ROWS[i + 1 :]:
-            cells = []
-            for key, *_ in ALL_COLUMNS:
-                d = diffs.get(key, {}).get(f"{a} vs {b}")
-                if d is None or d["differ"] is None:
-                    cells.append(f"— | {0 if d is None else d['patients']}")
-                else:
-                    cells.append(f"{100 * d['differ']:.0f}%{'' if d['differ'] >= DIFFER_AIM else ' ✗'} | {d['patients']}")
-            lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+    for a, b in TRAINED_PAIRS:
+        cells = []
+        for key, *_ in ALL_COLUMNS:
+            d = diffs.get(key, {}).get(f"{a} vs {b}")
+            if d is None or d["differ"] is None:
+                cells.append(f"— | {0 if d is None else d['patients']}")
+            else:
+                cells.append(f"{100 * d['differ']:.0f}%{'' if d['differ'] >= DIFFER_AIM else ' ✗'} | {d['patients']}")
+        lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
 
     lines += ["", "## LLM answers on the test patients", "",
               "Strict parse rate: answers whose `<Final Answer>` holds a probability (the reading the RL reward uses); "

@@ -20,7 +20,6 @@ bitsandbytes (CUDA only), gradient checkpointing, the attention implementation.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -30,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from filelock import FileLock, Timeout
@@ -184,20 +183,25 @@ def embedded_tokenizer(options: BackboneOptions | None = None):
 
     options = options or BackboneOptions()
     folder = _models_dir(options) / "smollm2-135m-instruct-tokenizer"
-    if not _complete(folder, "tokenizer"):
-        with _conversion_lock(folder):
-            if not _complete(folder, "tokenizer"):  # another process may have converted it while this one waited
-                gguf = check_gguf(embedded_gguf())
-                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-                tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=folder.parent))
-                tokenizer.save_pretrained(tmp)
-                _publish(tmp, folder, "tokenizer", gguf)
+    _convert_once(folder, lambda: _complete(folder, "tokenizer"), _convert_tokenizer)
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-@contextlib.contextmanager
-def _conversion_lock(folder: Path) -> Iterator[None]:
-    """A lock beside ``folder``: one process converts, the others sharing the cache wait for it (and say so)."""
+def _convert_tokenizer(folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    gguf = check_gguf(embedded_gguf())
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=folder.parent))
+    tokenizer.save_pretrained(tmp)
+    _publish(tmp, folder, "tokenizer", gguf)
+
+
+def _convert_once(folder: Path, ready: Callable[[], bool], convert: Callable[[Path], None]) -> None:
+    """``convert(folder)`` unless ``ready()``, under a lock beside ``folder``: of the processes sharing a cache, one
+    converts; the others wait (and say so), then find it ready."""
+    if ready():
+        return
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder.parent / f".{folder.name}.lock"))
     try:
@@ -206,7 +210,8 @@ def _conversion_lock(folder: Path) -> Iterator[None]:
         log.warning("waiting for another process converting the embedded model into %s (lock %s)", folder, lock.lock_file)
         lock.acquire()
     try:
-        yield
+        if not ready():  # another process may have converted it while this one waited
+            convert(folder)
     finally:
         lock.release()
 
@@ -306,10 +311,7 @@ def load_backbone(options: BackboneOptions | None = None):
         model = tiny_random_llama(tokenizer).to(dtype)
     elif options.name.lower() == EMBEDDED:
         folder = _models_dir(options) / "smollm2-135m-instruct"
-        if not _complete(folder, "model") or not _intact(folder):
-            with _conversion_lock(folder):
-                if not _complete(folder, "model") or not _intact(folder):  # converted by another process meanwhile?
-                    _convert_embedded(folder)
+        _convert_once(folder, lambda: _complete(folder, "model") and _intact(folder), _convert_embedded)
         model, tokenizer = _load_pretrained(str(folder), options, dtype)
     elif options.name.startswith("embedded:"):
         raise EAGRLInputError(f"backbone.name: unknown embedded model {options.name!r}; the embedded one is {EMBEDDED!r}")
