@@ -242,10 +242,19 @@ def check_profile(profile: str, model: Optional[str]) -> None:
         raise EAGRLInputError(f"MODEL={model} is not a folder with the model's weights (config.json, *.safetensors)")
 
 
+def select_stages(stages: list[Stage], only: Optional[str]) -> list[Stage]:
+    """``--only``: the stage of that exact name (``tjh/rl`` is EAG-RL alone, not every ``tjh/rl_*``), else every stage
+    whose name starts with it (``tjh/``, ``tjh/robust``)."""
+    if only is None:
+        return list(stages)
+    exact = [s for s in stages if s.name == only]
+    return exact or [s for s in stages if s.name.startswith(only)]
+
+
 def run(plan: Plan, in_process: bool = False, only: Optional[str] = None) -> list[str]:
     """Run the plan's stages in order, skipping finished ones; returns the names of the stages run."""
     ran = []
-    stages = [s for s in plan.stages if only is None or s.name.startswith(only)]
+    stages = select_stages(plan.stages, only)
     started = time.perf_counter()
     for k, stage in enumerate(stages, start=1):
         prefix = f"[{k}/{len(stages)}] {stage.name}"
@@ -292,7 +301,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[int(x) for x in os.environ.get("SEEDS", "0").split()],
                         help="seeds of the RL variants (SEEDS=\"0 1\"): the first is the main run, each other one runs every "
                         "variant again as <variant>_seed<N>, beside it in the report")
-    parser.add_argument("--only", default=None, help="run only the stages whose name starts with this (e.g. tjh/sft)")
+    parser.add_argument("--only", default=None, help="run only this stage (e.g. tjh/rl: EAG-RL alone), or, where no stage has this name, every stage whose "
+                        "name starts with it (e.g. tjh/ or tjh/robust)")
     parser.add_argument("--list", action="store_true", help="print the stages and whether each is up to date")
     parser.add_argument("--in-process", action="store_true", help="run stages in this process (tests)")
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from eagrl.evaluation.report import ABLATIONS, COLUMNS, MAIN, ROBUST_METHODS, WINDOW_NOT_APPLICABLE, WINDOW_ROW
-from eagrl.pipeline import Plan, main
+from eagrl.pipeline import Plan, main, select_stages
 
 
 @pytest.mark.slow
@@ -118,3 +118,14 @@ def test_a_half_written_distillation_is_not_done(tmp_path):
     assert not stage.done()
     metrics.write_text("{}")
     assert stage.done()
+
+
+def test_only_names_one_stage_or_a_prefix(tmp_path):
+    """``--only tjh/rl`` is EAG-RL alone (not GRPO, DAPO and the ablations, whose names start with it); a prefix that is
+    no stage's name selects every stage under it."""
+    stages = Plan("cpu", tmp_path).stages
+    names = lambda only: [s.name for s in select_stages(stages, only)]  # noqa: E731
+    assert names("tjh/rl") == ["tjh/rl"]
+    assert set(names("tjh/rl_")) == {"tjh/rl_grpo", "tjh/rl_dapo", "tjh/rl_no_att", "tjh/rl_no_entropy", "tjh/rl_no_stage1"}
+    assert names("tjh/robust") == [s.name for s in stages if s.name.startswith("tjh/robust/")]
+    assert names(None) == [s.name for s in stages]
