@@ -39,6 +39,7 @@ import json
 import math
 import os
 import platform
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -217,6 +218,46 @@ def yhat_difference(found_a: Optional[dict[str, tuple[float, int]]], found_b: Op
     return {"patients": len(shared), "differ": differ / len(shared)}
 
 
+TOP_NAMED = 3  # the most often named features shown per LLM row
+
+
+def answer_profile(run: Path) -> Optional[dict[str, Any]]:
+    """What an LLM run wrote on its test patients, as counts only (no text, no id): how many distinct ŷ it gave, the
+    share of its parsed ŷ at or above 0.5, the share of answers that name one of the expert's top-k features, the
+    features it named most often and those the expert ranked most often (each with the share of answers), and the
+    median number of generated tokens with the share of answers cut off at the token limit."""
+    path = run / "generations.jsonl"
+    if not path.is_file():
+        return None
+    rows = [r for r in _jsonl(path) if r.get("split", "test") == "test"]
+    if not rows:
+        return None
+
+    def most_common(lists: list[list[str]]) -> list[list[Any]]:
+        counts = Counter(name for names in lists for name in set(names))
+        return [[name, count / len(rows)] for name, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_NAMED]]
+
+    parsed = [float(r["y_hat"]) for r in rows if r.get("y_hat") is not None]
+    named = [[f if isinstance(f, str) else f[0] for f in r.get("features") or []] for r in rows]
+    tokens = sorted(int(r["new_tokens"]) for r in rows if r.get("new_tokens") is not None)
+    return {
+        "patients": len(rows),
+        "distinct_yhat": len({round(y, 6) for y in parsed}),
+        "share_yhat_positive": sum(y >= 0.5 for y in parsed) / len(parsed) if parsed else None,
+        "share_naming_expert": sum(float(r.get("r_att") or 0.0) > 0 for r in rows) / len(rows),
+        "most_named": most_common(named),
+        "expert_most_ranked": most_common([list(r.get("expert_top_k") or []) for r in rows]),
+        "median_new_tokens": tokens[len(tokens) // 2] if tokens else None,
+        "share_cut_off": sum(r.get("finished") is False for r in rows) / len(rows),
+    }
+
+
+def answer_profiles(runs: Path) -> dict[str, dict[str, Optional[dict[str, Any]]]]:
+    """``answer_profile`` per dataset column (the synthetic one too) and LLM row."""
+    names = dict(MAIN)
+    return {key: {row: answer_profile(runs / folder / f"{names[row]}{suffix}") for row in LLM_ROWS} for key, _, folder, suffix in ALL_COLUMNS}
+
+
 def paired_on_shared(
     found_a: Optional[dict[str, tuple[float, int]]], found_b: Optional[dict[str, tuple[float, int]]], n_bootstrap: int = PAIRED_RESAMPLES, seed: int = 0
 ) -> Optional[dict[str, Any]]:
@@ -258,7 +299,7 @@ def collect(runs: Path) -> dict[str, Any]:
     cross = {row: cell(runs / "cross" / name) for row, name in CROSS}
     return {
         "main": main, "ablation": ablation, "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs),
-        "answer_differences": answer_differences(runs),
+        "answer_differences": answer_differences(runs), "answers": answer_profiles(runs),
         "calibration": calibration_table(runs), "subgroups": subgroup_table(runs), "synthetic": synthetic_check(runs), "reward_trends": reward_trends(runs), "seeds": seed_runs(runs), "stage1": {key: stage1_summary(runs / folder / f"distill{suffix}") for key, _, folder, suffix in ALL_COLUMNS},
     }  # fmt: skip
 
@@ -508,6 +549,8 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines.append("")
 
+    lines += _answers_markdown(results.get("answers", {}))
+
     lines += ["## Stage 1: the distilled trajectories", "",
               "Per dataset: patients searched (train and val), patients with a kept trajectory, kept trajectories, the share of "
               "those with R_att > 0 (they name at least one of the expert's features), their mean R_att, and the share on the "
@@ -579,6 +622,32 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     lines += ["", "## Plots", ""]
     lines += [f"- `{name}`" for name in results.get("plots", [])]
     return "\n".join(lines) + "\n"
+
+
+def _answers_markdown(answers: dict[str, dict[str, Optional[dict[str, Any]]]]) -> list[str]:
+    """The "what the LLM rows write" tables, one per dataset with at least one LLM run (counts only)."""
+    share = lambda v: "—" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    named = lambda pairs: ", ".join(f"{n} ({100 * v:.0f}%)" for n, v in pairs) or "none"  # noqa: E731
+    lines: list[str] = []
+    for key, title, _, _ in ALL_COLUMNS:
+        found = {row: p for row, p in answers.get(key, {}).items() if p is not None}
+        if not found:
+            continue
+        if not lines:
+            lines += ["## What the LLM rows write", "",
+                      "Counts over the test patients' answers, no text: distinct ŷ values, the share of parsed ŷ ≥ 0.5, the share "
+                      "of answers naming at least one of the expert's top-k features, the features named most often (share of "
+                      "answers), the median number of generated tokens and the share cut off at the token limit.", ""]  # fmt: skip
+        expert = next(iter(found.values()))["expert_most_ranked"]
+        lines += [f"**{title}.** The expert's most often top-ranked features: {named(expert)}.", "",
+                  "| method | n | distinct ŷ | ŷ ≥ 0.5 | names an expert feature | most named | median tokens | cut off |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for row, p in found.items():
+            lines.append(f"| {row} | {p['patients']} | {p['distinct_yhat']} | {share(p['share_yhat_positive'])} | "
+                         f"{share(p['share_naming_expert'])} | {named(p['most_named'])} | {p['median_new_tokens'] or '—'} | "
+                         f"{share(p['share_cut_off'])} |")  # fmt: skip
+        lines.append("")
+    return lines
 
 
 def _synthetic_markdown(check: Optional[dict[str, Any]], fmt) -> list[str]:

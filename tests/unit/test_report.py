@@ -237,3 +237,33 @@ def test_the_share_of_differing_answers_between_trained_rows(tmp_path):
     assert tjh["SFT vs EAG-RL"] is None
     text = (tmp_path / "results" / "results.md").read_text()
     assert "| SFT vs GRPO | — | 0 | 30% | 10 |" in text and "| SFT vs DAPO | — | 0 | 0% ✗ | 10 |" in text
+
+
+def test_what_the_llm_rows_write_is_counted_from_their_answers(tmp_path):
+    """The answer profile counts distinct ŷ, ŷ >= 0.5 among parsed answers, answers naming an expert feature, the most
+    named and most expert-ranked features and the cut-off answers; the report shows it without any text or id."""
+    from eagrl.evaluation.report import answer_profile
+
+    run = tmp_path / "runs" / "tjh" / "rl"
+    run.mkdir(parents=True)
+    expert = ["Lactate", "Albumin"]
+    rows = [  # 4 test patients, one val row that must not count
+        {"id": "p0", "split": "test", "label": 1, "y_hat": 0.8, "features": ["Lactate", "Sodium"], "expert_top_k": expert, "r_att": 0.33, "new_tokens": 40, "finished": True},
+        {"id": "p1", "split": "test", "label": 0, "y_hat": 0.2, "features": ["Sodium"], "expert_top_k": ["Sodium", "ALT"], "r_att": 0.5, "new_tokens": 96, "finished": False},
+        {"id": "p2", "split": "test", "label": 1, "y_hat": 0.8, "features": ["Sodium", "Sodium"], "expert_top_k": expert, "r_att": 0.0, "new_tokens": 50, "finished": True},
+        {"id": "p3", "split": "test", "label": 0, "y_hat": None, "features": [], "expert_top_k": expert, "r_att": 0.0, "new_tokens": 96, "finished": False},
+        {"id": "v0", "split": "val", "label": 0, "y_hat": 0.9, "features": ["ALT"], "expert_top_k": expert, "r_att": 1.0, "new_tokens": 1, "finished": True},
+    ]  # fmt: skip
+    (run / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    profile = answer_profile(run)
+    assert profile["patients"] == 4 and profile["distinct_yhat"] == 2
+    assert profile["share_yhat_positive"] == pytest.approx(2 / 3)  # 2 of the 3 parsed
+    assert profile["share_naming_expert"] == pytest.approx(0.5)
+    assert profile["most_named"] == [["Sodium", 0.75], ["Lactate", 0.25]]  # a name counts once per answer
+    assert profile["expert_most_ranked"][:2] == [["Albumin", 0.75], ["Lactate", 0.75]]
+    assert profile["median_new_tokens"] == 96 and profile["share_cut_off"] == pytest.approx(0.5)
+    build(tmp_path / "runs", tmp_path / "results")
+    text = (tmp_path / "results" / "results.md").read_text()
+    assert "## What the LLM rows write" in text
+    assert "| EAG-RL | 4 | 2 | 67% | 50% | Sodium (75%), Lactate (25%) | 96 | 50% |" in text
+    assert "p0" not in text and "p1" not in text
