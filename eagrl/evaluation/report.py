@@ -46,6 +46,7 @@ from typing import Any, Optional
 
 import yaml
 
+from eagrl.errors import EAGRLInputError
 from eagrl.io import write_json_atomic, write_text_atomic
 
 COLUMNS = [  # (key, title, dataset folder, run-name suffix): the real cohorts of the main table
@@ -479,8 +480,14 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
         f"- runs written between {' and '.join(facts.get('runs_between') or ['?'])} on {facts['machine']}",
         f"- git revision of the latest run {facts.get('git_revision', '?')}; torch {versions.get('torch', '?')}, transformers {versions.get('transformers', '?')}",
         "- data: TJH (published split) and the MIMIC-IV Clinical Database Demo v2.2 (stratified split); sizes: see n",
-        "",
     ]
+    carried = facts.get("carried_over")
+    if carried:
+        groups = sorted({"/".join(entry.split("/")[:3]) for entry in carried["entries"]})
+        lines.append(f"- {len(carried['entries'])} entries are not from these runs but from the earlier report "
+                     f"`{carried['from']}` (generated {carried.get('generated', '?')}, git {carried.get('git_revision', '?')}), "
+                     f"their runs not being here: {', '.join(groups)}")  # fmt: skip
+    lines.append("")
     lines += ["AUROC and AUPRC x100: mean ± std over the bootstrap resamples of the test patients answered (the paper's form), "
               "then [2.5th, 97.5th percentile] of the same resamples, a 95% interval (n: how many patients; ConCare: the whole "
               "test split). — : not run; n/a: undefined (one outcome among the patients).", ""]  # fmt: skip
@@ -865,26 +872,70 @@ def _plot_rl(runs: Path, out: Path) -> list[str]:
     return written
 
 
-def build(runs: Path, out: Path) -> dict[str, Any]:
-    """Write ``results.md``, ``results.json`` and the plots under ``out``; return what ``results.json`` holds."""
+def carry_over(current: dict[str, Any], previous: dict[str, Any], path: str = "") -> list[str]:
+    """Fill what ``current`` lacks (a missing key or None) from ``previous``, recursively, in place; returns the paths
+    of the filled entries (``main/SFT/tjh``). Entries both hold keep ``current``'s value."""
+    filled = []
+    for key, old in previous.items():
+        where = f"{path}/{key}" if path else str(key)
+        if old is None:
+            continue
+        new = current.get(key)
+        if new is None:
+            current[key] = old
+            filled.append(where)
+        elif isinstance(new, dict) and isinstance(old, dict):
+            filled += carry_over(new, old, where)
+    return filled
+
+
+def build(runs: Path, out: Path, previous: Optional[Path] = None) -> dict[str, Any]:
+    """Write ``results.md``, ``results.json`` and the plots under ``out``; return what ``results.json`` holds.
+
+    ``previous``: an earlier ``results.json``; the entries whose runs are not under ``runs`` are taken from it (a run
+    directory is not kept between machines, the report is), and the report lists them."""
+    earlier = _read_previous(previous) if previous is not None else None
     out.mkdir(parents=True, exist_ok=True)
     results = collect(runs)
     facts = _run_facts(runs)
+    carried = carry_over(results, {k: v for k, v in earlier.items() if k not in ("facts", "plots")}) if earlier else []
     results["plots"] = _plot_curves(runs, out) + _plot_calibration(results, out) + _plot_robustness(results, out) + _plot_cross(results, out) + _plot_rl(runs, out)
+    if earlier:  # its plots of runs not here stay (the files are not rewritten)
+        results["plots"] += [name for name in earlier.get("plots", []) if name not in results["plots"] and (out / name).is_file()]
+    if carried:
+        old = earlier.get("facts") or {}
+        facts["carried_over"] = {"from": str(previous), "generated": old.get("generated"), "git_revision": old.get("git_revision"), "entries": carried}
     results["facts"] = facts
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", markdown(results, facts))
     return results
 
 
+def _read_previous(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise EAGRLInputError(f"--previous {path}: no such results.json")
+    try:
+        earlier = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise EAGRLInputError(f"--previous {path}: not a results.json ({err})") from None
+    if not isinstance(earlier, dict) or "main" not in earlier:
+        raise EAGRLInputError(f"--previous {path}: not a results.json (expected an object with a 'main' table)")
+    return earlier
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Write results.md, results.json and the plots from the run directories.")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="the runs root of make reproduce")
     parser.add_argument("--out", type=Path, default=Path("results"), help="where to write the results")
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="an earlier results.json: cells whose runs are not under --runs are taken from it, and listed")
     args = parser.parse_args(argv)
     if not args.runs.is_dir():
         raise SystemExit(f"error: {args.runs} does not exist: run the pipeline first (make reproduce)")
-    results = build(args.runs, args.out)
+    try:
+        results = build(args.runs, args.out, args.previous)
+    except EAGRLInputError as err:
+        raise SystemExit(f"error: {err}") from None
     found = sum(c is not None for row in results["main"].values() for c in row.values())
     print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {len(results['plots'])} plots ({found} main-table runs found)")
 

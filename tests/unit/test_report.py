@@ -267,3 +267,28 @@ def test_what_the_llm_rows_write_is_counted_from_their_answers(tmp_path):
     assert "## What the LLM rows write" in text
     assert "| EAG-RL | 4 | 2 | 67% | 50% | Sodium (75%), Lactate (25%) | 96 | 50% |" in text
     assert "p0" not in text and "p1" not in text
+
+
+def test_cells_whose_runs_are_absent_are_carried_from_an_earlier_report(tmp_path):
+    """--previous: what the current runs lack comes from the earlier results.json and is listed; what they hold is
+    theirs; the earlier report's plots that are still there stay listed; a missing file is one clear error."""
+    from eagrl.evaluation.report import EAGRLInputError
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    vanilla = _run(first / "tjh" / "prompting_vanilla", 1)
+    _run(first / "tjh" / "rl", 2)
+    out = tmp_path / "results"
+    earlier = build(first, out)
+    assert "roc_pr_tjh.png" in earlier["plots"]
+    eagrl = _run(second / "tjh" / "rl", 3)  # re-run: its cell must be the new one
+    results = build(second, out, previous=out / "results.json")
+    assert results["main"]["Vanilla"]["tjh"]["auroc"] == vanilla["test/auroc"]  # carried
+    assert results["main"]["EAG-RL"]["tjh"]["auroc"] == eagrl["test/auroc"]  # not carried
+    assert results["main"]["SFT"]["tjh"] is None  # in neither
+    entries = results["facts"]["carried_over"]["entries"]
+    assert "main/Vanilla/tjh" in entries and "main/EAG-RL/tjh" not in entries
+    text = (out / "results.md").read_text()
+    assert "entries are not from these runs but from the earlier report" in text and "main/Vanilla/tjh" in text
+    assert f"{100 * vanilla['test/auroc']:.2f}" in text
+    with pytest.raises(EAGRLInputError, match="nowhere.json"):
+        build(second, out, previous=tmp_path / "nowhere.json")
