@@ -248,7 +248,10 @@ def select_stages(stages: list[Stage], only: Optional[str]) -> list[Stage]:
     if only is None:
         return list(stages)
     exact = [s for s in stages if s.name == only]
-    return exact or [s for s in stages if s.name.startswith(only)]
+    chosen = exact or [s for s in stages if s.name.startswith(only)]
+    if not chosen:
+        raise EAGRLInputError(f"--only {only}: no stage is named so or has a name that starts with it (--list shows the stages)")
+    return chosen
 
 
 def run(plan: Plan, in_process: bool = False, only: Optional[str] = None) -> list[str]:

@@ -476,17 +476,20 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     lines = ["# Results", "", f"Generated {facts['generated']} from the run directories (every number is read from a run's `metrics.json`).", ""]
     versions = facts.get("versions", {})
     lines += [
-        f"- LLM backbone(s): {', '.join(facts.get('llm_backbones') or ['?'])}",
+        f"- LLM backbone(s) of these runs: {', '.join(facts.get('llm_backbones') or ['?'])}",
         f"- runs written between {' and '.join(facts.get('runs_between') or ['?'])} on {facts['machine']}",
         f"- git revision of the latest run {facts.get('git_revision', '?')}; torch {versions.get('torch', '?')}, transformers {versions.get('transformers', '?')}",
         "- data: TJH (published split) and the MIMIC-IV Clinical Database Demo v2.2 (stratified split); sizes: see n",
     ]
     carried = facts.get("carried_over")
     if carried:
-        groups = sorted({"/".join(entry.split("/")[:3]) for entry in carried["entries"]})
-        lines.append(f"- {len(carried['entries'])} entries are not from these runs but from the earlier report "
-                     f"`{carried['from']}` (generated {carried.get('generated', '?')}, git {carried.get('git_revision', '?')}), "
-                     f"their runs not being here: {', '.join(groups)}")  # fmt: skip
+        by_origin: dict[tuple[str, str], list[str]] = {}
+        for entry in carried["entries"]:
+            by_origin.setdefault((str(entry.get("generated", "?")), str(entry.get("git_revision", "?"))), []).append(entry["path"])
+        lines.append(f"- {len(carried['entries'])} entries are not from these runs (whose directories are not here) but taken whole "
+                     f"from the earlier report `{carried['from']}`; the ROC/PR and RL-curve plots draw these runs only:")  # fmt: skip
+        for (generated, revision), paths in sorted(by_origin.items()):
+            lines.append(f"  - from the report generated {generated} (its latest run at git {revision[:7]}): {', '.join(paths)}")
     lines.append("")
     lines += ["AUROC and AUPRC x100: mean ± std over the bootstrap resamples of the test patients answered (the paper's form), "
               "then [2.5th, 97.5th percentile] of the same resamples, a 95% interval (n: how many patients; ConCare: the whole "
@@ -872,39 +875,90 @@ def _plot_rl(runs: Path, out: Path) -> list[str]:
     return written
 
 
-def carry_over(current: dict[str, Any], previous: dict[str, Any], path: str = "") -> list[str]:
-    """Fill what ``current`` lacks (a missing key or None) from ``previous``, recursively, in place; returns the paths
-    of the filled entries (``main/SFT/tjh``). Entries both hold keep ``current``'s value."""
-    filled = []
-    for key, old in previous.items():
-        where = f"{path}/{key}" if path else str(key)
-        if old is None:
-            continue
-        new = current.get(key)
-        if new is None:
-            current[key] = old
-            filled.append(where)
-        elif isinstance(new, dict) and isinstance(old, dict):
-            filled += carry_over(new, old, where)
-    return filled
+MAIN_RUN_ROWS = {row for row, _ in MAIN}
+ABLATION_ONLY = {row for row, name in ABLATIONS if name not in dict(MAIN).values()}  # rows with runs of their own
+
+
+def carry_over(current: dict[str, Any], previous: dict[str, Any]) -> list[str]:
+    """Take from ``previous`` (an earlier ``results.json``) what ``current`` lacks, in place; returns the paths taken.
+
+    Entries are taken whole, never mixed with a fresh one: a main-table cell where this run is absent; what is computed
+    from one run (its answers, calibration, subgroups, reward trend, seed runs) only with that run's cell; a paired
+    difference or answer difference only when both its runs are taken; the synthetic section, the ablation table and
+    the robustness table only as a whole, when none of their own runs is here."""
+    taken: list[str] = []
+
+    def take(section: str, *keys: str) -> None:
+        fresh, old = current.setdefault(section, {}), previous.get(section) or {}
+        for key in keys[:-1]:
+            fresh, old = fresh.setdefault(key, {}), old.get(key) or {}
+        if fresh.get(keys[-1]) is None and old.get(keys[-1]) is not None:
+            fresh[keys[-1]] = old[keys[-1]]
+            taken.append("/".join((section, *keys)))
+
+    def table(section: str, own) -> None:
+        fresh, old = current.get(section), previous.get(section)
+        if old and not own(fresh) and own(old):
+            current[section] = old
+            taken.append(section)
+
+    if current.get("synthetic") is None and previous.get("synthetic") is not None:
+        current["synthetic"] = previous["synthetic"]
+        taken.append("synthetic")
+    for row, cells in (previous.get("main") or {}).items():
+        for key in cells or {}:
+            take("main", row, key)
+
+    def is_old(row: str, key: str) -> bool:  # the row's run on this dataset comes from the earlier report
+        if key == "synthetic":
+            return "synthetic" in taken
+        return f"main/{row}/{key}" in taken if row in MAIN_RUN_ROWS else True
+
+    for section in ("answers", "calibration", "subgroups", "reward_trends", "seeds"):
+        for key, rows in (previous.get(section) or {}).items():
+            for row in rows or {}:
+                if is_old(row, key):
+                    take(section, key, row)
+    for section, joiner in (("paired", " − "), ("answer_differences", " vs ")):
+        for key, pairs in (previous.get(section) or {}).items():
+            for pair in pairs or {}:
+                if all(is_old(row, key) for row in pair.split(joiner)):
+                    take(section, key, pair)
+    for key in previous.get("stage1") or {}:
+        if key != "synthetic" or "synthetic" in taken:
+            take("stage1", key)
+    for row in previous.get("cross_dataset") or {}:
+        take("cross_dataset", row)
+    table("ablation", lambda t: any((t or {}).get(row) is not None for row in ABLATION_ONLY))
+    table("robustness", lambda t: any(c is not None for cells in (t or {}).values() for p, c in (cells or {}).items() if p != "0"))
+    return taken
 
 
 def build(runs: Path, out: Path, previous: Optional[Path] = None) -> dict[str, Any]:
     """Write ``results.md``, ``results.json`` and the plots under ``out``; return what ``results.json`` holds.
 
-    ``previous``: an earlier ``results.json``; the entries whose runs are not under ``runs`` are taken from it (a run
-    directory is not kept between machines, the report is), and the report lists them."""
+    ``previous``: an earlier ``results.json``; what the runs under ``runs`` lack is taken from it (``carry_over``: a
+    run directory is not kept between machines, the report is), and the report's header lists each entry taken with
+    the report it first came from."""
     earlier = _read_previous(previous) if previous is not None else None
     out.mkdir(parents=True, exist_ok=True)
     results = collect(runs)
     facts = _run_facts(runs)
-    carried = carry_over(results, {k: v for k, v in earlier.items() if k not in ("facts", "plots")}) if earlier else []
+    if earlier:
+        try:
+            taken = carry_over(results, {k: v for k, v in earlier.items() if k not in ("facts", "plots")})
+            old = earlier.get("facts") or {}
+            origin = {"generated": old.get("generated"), "git_revision": old.get("git_revision")}
+            before = {e["path"]: e for e in (old.get("carried_over") or {}).get("entries", []) if isinstance(e, dict)}
+            entries = [{**origin, **before.get(path, {}), "path": path} for path in taken]  # an entry keeps its first report
+            if entries:
+                facts["carried_over"] = {"from": str(previous), "entries": entries}
+            markdown(results, facts)  # an earlier file this version cannot read fails here, before anything is written
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise EAGRLInputError(f"--previous {previous}: not a results.json this version can read ({type(err).__name__}: {err})") from None
     results["plots"] = _plot_curves(runs, out) + _plot_calibration(results, out) + _plot_robustness(results, out) + _plot_cross(results, out) + _plot_rl(runs, out)
     if earlier:  # its plots of runs not here stay (the files are not rewritten)
         results["plots"] += [name for name in earlier.get("plots", []) if name not in results["plots"] and (out / name).is_file()]
-    if carried:
-        old = earlier.get("facts") or {}
-        facts["carried_over"] = {"from": str(previous), "generated": old.get("generated"), "git_revision": old.get("git_revision"), "entries": carried}
     results["facts"] = facts
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", markdown(results, facts))

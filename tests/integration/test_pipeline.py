@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from eagrl.evaluation.report import ABLATIONS, COLUMNS, MAIN, ROBUST_METHODS, WINDOW_NOT_APPLICABLE, WINDOW_ROW
+from eagrl.errors import EAGRLInputError
 from eagrl.pipeline import Plan, main, select_stages
 
 
@@ -129,3 +130,5 @@ def test_only_names_one_stage_or_a_prefix(tmp_path):
     assert set(names("tjh/rl_")) == {"tjh/rl_grpo", "tjh/rl_dapo", "tjh/rl_no_att", "tjh/rl_no_entropy", "tjh/rl_no_stage1"}
     assert names("tjh/robust") == [s.name for s in stages if s.name.startswith("tjh/robust/")]
     assert names(None) == [s.name for s in stages]
+    with pytest.raises(EAGRLInputError, match="--only tjh/rll"):
+        names("tjh/rll")  # a typo is an error, not a run of nothing

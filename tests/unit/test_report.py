@@ -270,25 +270,43 @@ def test_what_the_llm_rows_write_is_counted_from_their_answers(tmp_path):
 
 
 def test_cells_whose_runs_are_absent_are_carried_from_an_earlier_report(tmp_path):
-    """--previous: what the current runs lack comes from the earlier results.json and is listed; what they hold is
-    theirs; the earlier report's plots that are still there stay listed; a missing file is one clear error."""
+    """--previous: what the current runs lack comes whole from the earlier results.json and is listed with the report it
+    first came from; what they hold is theirs; a pair with one fresh run is not carried; the ablation table is carried
+    only as a whole; the earlier report's plots stay listed; a missing or unreadable file is one clear error."""
     from eagrl.evaluation.report import EAGRLInputError
 
-    first, second = tmp_path / "first", tmp_path / "second"
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
     vanilla = _run(first / "tjh" / "prompting_vanilla", 1)
     _run(first / "tjh" / "rl", 2)
+    _run(first / "tjh" / "sft", 4)
+    _run(first / "tjh" / "rl_no_att", 5)
     out = tmp_path / "results"
     earlier = build(first, out)
-    assert "roc_pr_tjh.png" in earlier["plots"]
+    assert "roc_pr_tjh.png" in earlier["plots"] and earlier["paired"]["tjh"]["EAG-RL − SFT"] is not None
     eagrl = _run(second / "tjh" / "rl", 3)  # re-run: its cell must be the new one
     results = build(second, out, previous=out / "results.json")
     assert results["main"]["Vanilla"]["tjh"]["auroc"] == vanilla["test/auroc"]  # carried
     assert results["main"]["EAG-RL"]["tjh"]["auroc"] == eagrl["test/auroc"]  # not carried
-    assert results["main"]["SFT"]["tjh"] is None  # in neither
-    entries = results["facts"]["carried_over"]["entries"]
-    assert "main/Vanilla/tjh" in entries and "main/EAG-RL/tjh" not in entries
+    assert results["main"]["GRPO"]["tjh"] is None  # in neither
+    assert results["paired"]["tjh"]["EAG-RL − SFT"] is None  # its EAG-RL side is fresh: the old pair would mislead
+    assert results["paired"]["tjh"]["Vanilla − Question Decomposition"] is None  # never computed
+    assert results["ablation"] == earlier["ablation"]  # no ablation run here: the whole earlier table
+    assert results["answers"]["tjh"]["EAG-RL"]["patients"] == 8 and results["answers"]["tjh"]["SFT"] == earlier["answers"]["tjh"]["SFT"]
+    paths = [e["path"] for e in results["facts"]["carried_over"]["entries"]]
+    assert "main/Vanilla/tjh" in paths and "main/EAG-RL/tjh" not in paths and "ablation" in paths and "answers/tjh/EAG-RL" not in paths
     text = (out / "results.md").read_text()
-    assert "entries are not from these runs but from the earlier report" in text and "main/Vanilla/tjh" in text
+    assert "entries are not from these runs" in text and "main/Vanilla/tjh" in text
     assert f"{100 * vanilla['test/auroc']:.2f}" in text
+    first_report = earlier["facts"]["generated"]
+    _run(third / "tjh" / "rl_grpo", 6)  # a third report keeps where each entry first came from
+    later = build(third, out, previous=out / "results.json")
+    origin = {e["path"]: e["generated"] for e in later["facts"]["carried_over"]["entries"]}
+    assert origin["main/Vanilla/tjh"] == first_report and origin["main/EAG-RL/tjh"] == results["facts"]["generated"]
     with pytest.raises(EAGRLInputError, match="nowhere.json"):
         build(second, out, previous=tmp_path / "nowhere.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"main": {"SFT": {"tjh": {"auroc": 0.7}}}}))
+    before = (out / "results.md").read_text()
+    with pytest.raises(EAGRLInputError, match="broken.json: not a results.json this version can read"):
+        build(second, out, previous=broken)
+    assert (out / "results.md").read_text() == before  # nothing written
