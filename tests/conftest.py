@@ -103,14 +103,80 @@ def tjh_copy(tmp_path, data_root) -> Path:
     return root
 
 
-def run_cli(*args: str, cache: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m eagrl ARGS`` in a subprocess, as a user would."""
-    full_env = {**os.environ, **(env or {})}
-    if cache is not None:
-        full_env["EAGRL_CACHE_DIR"] = str(cache)
-    return subprocess.run(
-        [sys.executable, "-m", "eagrl", *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+def run_cli(
+    *args: str, cache: Path | None = None, env: dict | None = None, timeout: int = 600, fresh_process: bool = False
+) -> subprocess.CompletedProcess:
+    """Run ``python -m eagrl ARGS`` as a user would and return its exit code, stdout and stderr.
+
+    By default the command runs in this process (``eagrl.cli.main``), which saves the ~5 s of imports a new Python
+    pays: its printed output, warnings and Lightning's log lines are captured, and the environment (with ``cache``
+    as ``EAGRL_CACHE_DIR`` and ``env``) and working directory are set for it and restored after. ``fresh_process``:
+    a new ``python -m eagrl`` process, for what needs one (a run that is killed, several ranks, W&B, the entry point
+    itself); only then does ``timeout`` apply."""
+    extra = {**(env or {}), **({"EAGRL_CACHE_DIR": str(cache)} if cache is not None else {})}
+    if fresh_process:
+        return subprocess.run(
+            [sys.executable, "-m", "eagrl", *args], cwd=REPO, env={**os.environ, **extra}, capture_output=True, text=True, timeout=timeout
+        )
+    return _run_in_process(list(args), extra)
+
+
+def _run_in_process(args: list[str], extra_env: dict) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import logging
+    import traceback
+    import warnings
+
+    from eagrl.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    sys.argv = ["python -m eagrl", *args]
+    # Lightning's loggers hold the stream they were given at import: point them at this run's stderr for the run
+    handlers = [
+        h for name in ("lightning", "lightning.pytorch", "lightning.fabric") for h in logging.getLogger(name).handlers
+        if isinstance(h, logging.StreamHandler)
+    ]
+    streams = [h.stream for h in handlers]
+    # a new process has no logging handler of its own: its warnings reach stderr through logging's last resort, which
+    # pytest's capture handler on the root logger replaces here
+    last_resort = logging.StreamHandler(err)
+    last_resort.setLevel(logging.WARNING)
+    code = 0
+    try:
+        os.environ.update(extra_env)
+        os.chdir(REPO)
+        for handler in handlers:
+            handler.setStream(err)
+        logging.getLogger().addHandler(last_resort)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            # a new interpreter's warning filters (each warning shown once), shown on this run's stderr
+            warnings.resetwarnings()
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+                warnings.formatwarning(message, category, filename, lineno, line)
+            )
+            try:
+                main(args)
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if stop.code is not None and not isinstance(stop.code, int):
+                    err.write(f"{stop.code}\n")
+            except Exception:  # what an uncaught error does to a process: its traceback, exit code 1
+                err.write(traceback.format_exc())
+                code = 1
+    finally:
+        logging.getLogger().removeHandler(last_resort)
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["python", "-m", "eagrl", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 
 def _ok(*args: str, cache: Path) -> None:
-    result = run_cli(*args, cache=cache)
+    result = run_cli(*args, cache=cache, fresh_process=True)  # two ranks: a process of its own
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -74,7 +74,7 @@ def pipeline(tmp_path_factory, session_cache) -> Path:
          "--model.init_args.expert_attention", str(expert)],
     ]  # fmt: skip
     for args in stages:
-        result = run_cli(*args, "--wandb", "offline", cache=session_cache, env=env)
+        result = run_cli(*args, "--wandb", "offline", cache=session_cache, env=env, fresh_process=True)  # W&B
         assert result.returncode == 0, result.stderr[-3000:]
         (root / f"{Path(args[args.index('--trainer.default_root_dir') + 1]).name}.console.log").write_text(result.stdout + result.stderr)
     return root
