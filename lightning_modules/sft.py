@@ -11,6 +11,7 @@ Checkpoints hold only the trainable (LoRA) weights.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from typing import Any, Literal, Optional
 
@@ -19,12 +20,14 @@ from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from eagrl.errors import EAGRLInputError
 from eagrl.llm.generation import SamplingOptions
-from eagrl.llm.sft import sft_batch
+from eagrl.llm.sft import sft_batch, targets_over_limit
 from eagrl.models.backbone import BackboneOptions, LoraOptions, load_backbone
 from eagrl.optim import lr_factor
 from eagrl.rl.rewards import RewardConfig
 from lightning_modules.adapters import AdapterCheckpointing
 from lightning_modules.answer_evaluation import AnswerEvaluator
+
+log = logging.getLogger(__name__)
 
 
 def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -120,6 +123,21 @@ class SFTModule(AdapterCheckpointing, AnswerEvaluator):
             datamodule.setup(stage)
         self.configure_model()
         self.setup_answers(list(datamodule.hparams.eval_splits))  # also the SFT prompt: stage 1's decomposition one
+        if stage == "fit":
+            self._check_target_lengths(datamodule)
+
+    def _check_target_lengths(self, datamodule) -> None:
+        """Warn when trajectories are longer than the evaluation's ``sampling.max_new_tokens``: the fine-tuned model
+        would learn answers that the evaluation (and RL's rollouts at the same budget) cut off before ŷ."""
+        budget = self.sampling.max_new_tokens
+        counts = targets_over_limit(self.tokenizer, [e["trajectory"] for e in datamodule.examples["train"]], budget)
+        if counts["over"]:
+            log.warning(
+                "%d of %d SFT trajectories (%.0f%%) are longer than model.sampling.max_new_tokens (%d; their median %d, "
+                "longest %d tokens): answers in their form are cut off before <Final Answer> in the evaluation; raise "
+                "max_new_tokens or shorten stage 1's steps (model.sampling of the distill config)",
+                counts["over"], counts["targets"], 100 * counts["over"] / counts["targets"], budget, counts["median"], counts["longest"],
+            )  # fmt: skip
 
     # ------------------------------------------------------------------------------------ training
     def _batch(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -34,3 +34,19 @@ def sft_batch(tokenizer, prompts: Sequence[str], completions: Sequence[str], max
         learn = torch.tensor(mask)
         labels[b, : len(row)] = torch.where(learn, torch.tensor(row), torch.full_like(learn, -100, dtype=torch.long))
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def targets_over_limit(tokenizer, completions: Sequence[str], max_new_tokens: int) -> dict[str, int]:
+    """How the SFT targets' lengths compare with the evaluation's answer budget: ``{"targets", "over", "median",
+    "longest"}`` in tokens (the end-of-turn token included, as ``sft_batch`` appends it). A target longer than
+    ``max_new_tokens`` teaches an answer the evaluation cuts off before its ``<Final Answer>``."""
+    end = 1 if tokenizer.eos_token_id is not None else 0
+    lengths = sorted(len(tokenizer(c, add_special_tokens=False)["input_ids"]) + end for c in completions)
+    if not lengths:
+        return {"targets": 0, "over": 0, "median": 0, "longest": 0}
+    return {
+        "targets": len(lengths),
+        "over": sum(n > max_new_tokens for n in lengths),
+        "median": lengths[len(lengths) // 2],
+        "longest": lengths[-1],
+    }

@@ -58,6 +58,20 @@ FINAL_ANSWER_STOPS = ["\n", "<"]
 FINAL_ANSWER_TOKENS = 12  # a probability or a percentage
 
 
+def longest_path(tokenizer, sampling: PolicySampling, max_depth: int, feature_names: Optional[Sequence[str]] = None, max_features: int = 5) -> int:
+    """The most tokens a search path can hold, tags included: ``max_depth - 1`` (sub-question, answer) pairs, then
+    the final sub-question, the important features (a constrained list of ``max_features`` of ``feature_names``: its
+    longest) and the final answer. An SFT target of stage 1 is one such path plus the end-of-turn token."""
+    tags = "".join(f"{tag} \n" for tag in ("<Subquestion>", "<Answer>") * (max_depth - 1))
+    tags += "<Final subquestion> \n<Important Features> \n<Final Answer> "
+    features = sampling.final.max_new_tokens
+    if feature_names is not None:
+        features = max(features, NameListConstraint(tokenizer, feature_names, max_features).longest_list)
+    pairs = (max_depth - 1) * (sampling.subquestion.max_new_tokens + sampling.answer.max_new_tokens)
+    final = sampling.final.max_new_tokens + features + min(sampling.final.max_new_tokens, FINAL_ANSWER_TOKENS)
+    return len(tokenizer(tags, add_special_tokens=False)["input_ids"]) + pairs + final
+
+
 def render_prefix(steps: Sequence[Step]) -> str:
     return "".join(step.text.strip() + "\n" for step in steps)
 

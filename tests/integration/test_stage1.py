@@ -85,6 +85,8 @@ def test_sft_on_the_distilled_trajectories(distilled, tmp_path, expert, session_
         "--model.init_args.expert_attention", str(expert), "--model.init_args.backbone.cache_dir", str(models), cache=session_cache,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    # the smoke trajectories are longer than the smoke evaluation's 6 new tokens: the run says so
+    assert "SFT trajectories" in result.stderr and "longer than model.sampling.max_new_tokens (6;" in result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for name in ("train/loss_epoch", "val/loss", "test/auroc", "test/parse_rate", "val/parse_rate", "test/r_att"):
         assert name in metrics, name

@@ -151,6 +151,40 @@ def test_every_shipped_rl_config_takes_at_least_two_steps_per_rollout(files):
     assert math.ceil(completions / size) >= 2, f"{files}: {completions} completions in mini-batches of {size}"
 
 
+@pytest.mark.parametrize("profile", ["reproduce", "reproduce/quick"])
+def test_every_llm_method_of_a_profile_answers_within_the_same_budget(profile, tokenizer):
+    """Prompting, SFT and RL answer the test patients with the same number of new tokens and RL samples its rollouts
+    with it; in PROFILE=cpu it has room for the longest path stage 1 can write (an SFT target): a smaller budget would
+    cut a model that learnt the paths off before its <Final Answer>."""
+    from eagrl.data.features import DATASET_FEATURES
+    from eagrl.llm.generation import SamplingOptions
+    from eagrl.mcts.policy import PolicySampling, longest_path
+
+    budgets = {m: _merged(f"configs/tjh/{m}.yaml", f"configs/{profile}/{m}.yaml")["model"] for m in ("sft", "rl")}
+    budgets["prompting"] = _merged("configs/tjh/prompting_decomposition.yaml", f"configs/{profile}/prompting.yaml")["model"]
+    answers = {m: c["sampling"]["max_new_tokens"] for m, c in budgets.items()}
+    assert len(set(answers.values())) == 1, answers
+    assert budgets["rl"]["rollout_sampling"]["max_new_tokens"] == answers["rl"]
+    if profile != "reproduce":  # PROFILE=quick, a first look at a few patients, keeps its earlier short answers
+        return
+    for dataset in ("tjh", "mimic_iv"):
+        distill = _merged(f"configs/{dataset}/distill.yaml", f"configs/{profile}/distill.yaml")["model"]
+        sampling = PolicySampling(**{k: SamplingOptions(max_new_tokens=v["max_new_tokens"]) for k, v in distill["sampling"].items()})
+        names = [f.name for f in DATASET_FEATURES[dataset]] if distill.get("constrain_features") else None
+        longest = longest_path(tokenizer, sampling, distill["search"]["max_depth"], names, distill.get("max_features", 5))
+        assert answers["rl"] >= longest + 1, (dataset, answers, longest)  # + the end-of-turn token
+
+
+def test_longest_path_bounds_what_the_search_writes(tokenizer):
+    from eagrl.llm.generation import SamplingOptions
+    from eagrl.mcts.policy import PolicySampling, longest_path
+
+    short = PolicySampling(*(SamplingOptions(max_new_tokens=n) for n in (4, 4, 6)))
+    assert longest_path(tokenizer, short, 3) - longest_path(tokenizer, short, 2) >= 8  # one more pair of steps
+    names = ["Lactate", "Creatinine", "Hypersensitive cardiac troponin I"]
+    assert longest_path(tokenizer, short, 2, names, 3) > longest_path(tokenizer, short, 2, names, 1) > longest_path(tokenizer, short, 2)
+
+
 def test_the_baseline_overlays_are_the_methods_they_are_named_after():
     grpo, dapo = _merged("configs/rl/grpo.yaml")["model"], _merged("configs/rl/dapo.yaml")["model"]
     assert grpo["loss_agg"] == "seq_mean_token_mean" and grpo["eps_high"] == grpo["eps_low"] == 0.2 and not grpo["adaptive_clip"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eagrl.llm.sft import sft_batch
+from eagrl.llm.sft import sft_batch, targets_over_limit
 from eagrl.models.backbone import BackboneOptions, tiny_random_llama
 
 
@@ -85,3 +85,12 @@ def test_checkpoint_names_under_fsdp_match_the_full_state_dict():
 
     wrapped = "llm._fsdp_wrapped_module.base_model.model.model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.self_attn.q_proj.lora_A.default.weight"
     assert _clean(wrapped) == "llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+
+
+def test_targets_over_limit_counts_the_trained_tokens(tokenizer):
+    completions = ["<Final Answer> 0.7", "<Subquestion> Why is the lactate high?\n<Answer> Because of shock.\n<Final Answer> 0.9"]
+    lengths = sorted(len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 for c in completions)  # + end of turn
+    assert targets_over_limit(tokenizer, completions, lengths[1]) == {"targets": 2, "over": 0, "median": lengths[1], "longest": lengths[1]}
+    assert targets_over_limit(tokenizer, completions, lengths[1] - 1)["over"] == 1
+    assert targets_over_limit(tokenizer, completions, lengths[0] - 1)["over"] == 2
+    assert targets_over_limit(tokenizer, [], 5) == {"targets": 0, "over": 0, "median": 0, "longest": 0}
