@@ -69,7 +69,7 @@ def run_and_kill(args: list[str], cache: Path, watch: Path, changes: int) -> Non
 
 
 def _finish(args: list[str], cache: Path) -> None:
-    result = run_cli(*args, cache=cache, fresh_process=True)  # as a user resumes a killed run
+    result = run_cli(*args, cache=cache)  # in this process: the killed runs are the new processes
     assert result.returncode == 0, result.stderr[-3000:]
 
 
