@@ -131,8 +131,14 @@ def _run_in_process(args: list[str], extra_env: dict) -> subprocess.CompletedPro
     from eagrl.cli import main
 
     out, err = io.StringIO(), io.StringIO()
+    import numpy as np
+    import torch
+
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
-    sys.argv = ["python -m eagrl", *args]
+    # what a run may change in the process (seed_everything, `deterministic: true`): put back after it
+    saved_torch = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                   torch.get_num_threads(), torch.get_rng_state(), random.getstate(), np.random.get_state())  # fmt: skip
+    sys.argv = ["python -m eagrl", *args]  # read by the CLI as a new process reads its command line
     # Lightning's loggers hold the stream they were given at import: point them at this run's stderr for the run
     handlers = [
         h for name in ("lightning", "lightning.pytorch", "lightning.fabric") for h in logging.getLogger(name).handlers
@@ -160,7 +166,7 @@ def _run_in_process(args: list[str], extra_env: dict) -> subprocess.CompletedPro
                 warnings.formatwarning(message, category, filename, lineno, line)
             )
             try:
-                main(args)
+                main()
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
                 if stop.code is not None and not isinstance(stop.code, int):
@@ -174,6 +180,11 @@ def _run_in_process(args: list[str], extra_env: dict) -> subprocess.CompletedPro
             handler.setStream(stream)
         os.chdir(saved_cwd)
         sys.argv = saved_argv
+        torch.use_deterministic_algorithms(saved_torch[0], warn_only=saved_torch[1])
+        torch.set_num_threads(saved_torch[2])
+        torch.set_rng_state(saved_torch[3])
+        random.setstate(saved_torch[4])
+        np.random.set_state(saved_torch[5])
         os.environ.clear()
         os.environ.update(saved_env)
     return subprocess.CompletedProcess(["python", "-m", "eagrl", *args], code, out.getvalue(), err.getvalue())

@@ -185,6 +185,29 @@ def test_longest_path_bounds_what_the_search_writes(tokenizer):
     assert longest_path(tokenizer, short, 2, names, 3) > longest_path(tokenizer, short, 2, names, 1) > longest_path(tokenizer, short, 2)
 
 
+def test_longest_path_is_not_exceeded_by_paths_the_policy_writes(tokenizer, tiny):
+    """The tiny random model made to write every step to its limit (end-of-text suppressed): the path's text, as stage 1
+    stores it, stays within the bound."""
+    from eagrl.llm.generation import SamplingOptions
+    from eagrl.mcts.policy import LLMPolicy, PolicySampling, longest_path
+    from eagrl.mcts.search import Trajectory
+
+    full = PolicySampling(*(SamplingOptions(max_new_tokens=n, min_new_tokens=n, do_sample=True) for n in (6, 8, 10)))
+    names = ["Lactate", "Creatinine", "Hypersensitive cardiac troponin I", "Albumin"]
+    policy = LLMPolicy(tiny, tokenizer, full, batch_size=4, feature_names=names, max_features=3)
+    torch.manual_seed(0)
+    prompts = ["<|im_start|>user\nA patient.<|im_end|>\n<|im_start|>assistant\n"] * 2
+    policy.begin(prompts)
+    pairs = policy.propose_steps(prompts, [[], []], 2)
+    finals = policy.propose_finals(prompts, [[pairs[0][0]], [pairs[1][1]]], 2)
+    policy.end()
+    bound = longest_path(tokenizer, full, 2, names, 3)
+    for first, ends in zip((pairs[0][0], pairs[1][1]), finals):
+        for final in ends:
+            text = Trajectory(steps=[first, final], y_hat=None, features=[], r_cls=0.0, r_att=0.0, reward=0.0, depth=2).text
+            assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= bound, text
+
+
 def test_the_baseline_overlays_are_the_methods_they_are_named_after():
     grpo, dapo = _merged("configs/rl/grpo.yaml")["model"], _merged("configs/rl/dapo.yaml")["model"]
     assert grpo["loss_agg"] == "seq_mean_token_mean" and grpo["eps_high"] == grpo["eps_low"] == 0.2 and not grpo["adaptive_clip"]
