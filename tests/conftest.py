@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import random
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -121,43 +126,50 @@ def run_cli(
     return _run_in_process(list(args), extra)
 
 
-def _run_in_process(args: list[str], extra_env: dict) -> subprocess.CompletedProcess:
-    import contextlib
-    import io
-    import logging
-    import traceback
-    import warnings
-
-    from eagrl.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
+@contextlib.contextmanager
+def _as_a_new_process(args: list[str], extra_env: dict):
+    """Set what a new ``python -m eagrl ARGS`` process would start from (its command line, environment, working
+    directory), and put back after it what a run may change here (``seed_everything``, ``deterministic: true``)."""
     import numpy as np
     import torch
 
-    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
-    # what a run may change in the process (seed_everything, `deterministic: true`): put back after it
-    saved_torch = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                   torch.get_num_threads(), torch.get_rng_state(), random.getstate(), np.random.get_state())  # fmt: skip
-    sys.argv = ["python -m eagrl", *args]  # read by the CLI as a new process reads its command line
-    # Lightning's loggers hold the stream they were given at import: point them at this run's stderr for the run
-    handlers = [
-        h for name in ("lightning", "lightning.pytorch", "lightning.fabric") for h in logging.getLogger(name).handlers
-        if isinstance(h, logging.StreamHandler)
-    ]
-    streams = [h.stream for h in handlers]
-    # a new process has no logging handler of its own: its warnings reach stderr through logging's last resort, which
-    # pytest's capture handler on the root logger replaces here
-    last_resort = logging.StreamHandler(err)
-    last_resort.setLevel(logging.WARNING)
-    code = 0
+    saved = (dict(os.environ), os.getcwd(), sys.argv, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads(), torch.get_rng_state(),
+             random.getstate(), np.random.get_state())  # fmt: skip
     try:
         os.environ.update(extra_env)
         os.chdir(REPO)
+        sys.argv = ["python -m eagrl", *args]  # read by the CLI as a new process reads its command line
+        yield
+    finally:
+        env, cwd, sys.argv, deterministic, warn_only, threads, torch_rng, python_rng, numpy_rng = saved
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(torch_rng)
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+
+
+@contextlib.contextmanager
+def _stderr_of_a_new_process(err: io.StringIO):
+    """Warnings (a new interpreter's filters) and log lines go to ``err``: Lightning's loggers hold the stream they were
+    given at import, and a new process's other warnings reach stderr through logging's last resort, which pytest's
+    capture handler on the root logger replaces here."""
+    handlers = [
+        h for name in ("lightning", "lightning.pytorch", "lightning.fabric") for h in logging.getLogger(name).handlers
+        if isinstance(h, logging.StreamHandler)
+    ]  # fmt: skip
+    streams = [h.stream for h in handlers]
+    last_resort = logging.StreamHandler(err)
+    last_resort.setLevel(logging.WARNING)
+    try:
         for handler in handlers:
             handler.setStream(err)
         logging.getLogger().addHandler(last_resort)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-            # a new interpreter's warning filters (each warning shown once), shown on this run's stderr
+        with contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.resetwarnings()
             warnings.simplefilter("default")
             for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
@@ -165,28 +177,28 @@ def _run_in_process(args: list[str], extra_env: dict) -> subprocess.CompletedPro
             warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
                 warnings.formatwarning(message, category, filename, lineno, line)
             )
-            try:
-                main()
-            except SystemExit as stop:
-                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-                if stop.code is not None and not isinstance(stop.code, int):
-                    err.write(f"{stop.code}\n")
-            except Exception:  # what an uncaught error does to a process: its traceback, exit code 1
-                err.write(traceback.format_exc())
-                code = 1
+            yield
     finally:
         logging.getLogger().removeHandler(last_resort)
         for handler, stream in zip(handlers, streams):
             handler.setStream(stream)
-        os.chdir(saved_cwd)
-        sys.argv = saved_argv
-        torch.use_deterministic_algorithms(saved_torch[0], warn_only=saved_torch[1])
-        torch.set_num_threads(saved_torch[2])
-        torch.set_rng_state(saved_torch[3])
-        random.setstate(saved_torch[4])
-        np.random.set_state(saved_torch[5])
-        os.environ.clear()
-        os.environ.update(saved_env)
+
+
+def _run_in_process(args: list[str], extra_env: dict) -> subprocess.CompletedProcess:
+    from eagrl.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with _as_a_new_process(args, extra_env), _stderr_of_a_new_process(err), contextlib.redirect_stdout(out):
+        try:
+            main()
+        except SystemExit as stop:  # as the interpreter maps it: None 0, an int itself, anything else printed and 1
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+            if stop.code is not None and not isinstance(stop.code, int):
+                err.write(f"{stop.code}\n")
+        except Exception:  # what an uncaught error does to a process: its traceback, exit code 1
+            err.write(traceback.format_exc())
+            code = 1
     return subprocess.CompletedProcess(["python", "-m", "eagrl", *args], code, out.getvalue(), err.getvalue())
 
 
