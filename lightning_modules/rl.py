@@ -64,10 +64,15 @@ from lightning_modules.answer_evaluation import AnswerEvaluator
 
 
 log = logging.getLogger(__name__)
-# post-step checkpoints are what resuming wants; Lightning warns about them with manual optimisation
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-# the schedule steps once per rollout, also after a rollout with no update (every group's rewards equal)
-warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+
+
+def _quiet_expected_warnings() -> None:
+    """Two warnings this module's design sets off on purpose, silenced when a fit sets up (not at import, so
+    they hold wherever the fit runs, also after a caller resets the warning filters)."""
+    # post-step checkpoints are what resuming wants; Lightning warns about them with manual optimisation
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # the schedule steps once per rollout, also after a rollout with no update (every group's rewards equal)
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 
 
 def loss_path(loss_backend: str, device: torch.device | str) -> dict[str, Any]:
@@ -292,6 +297,7 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         self.llm = add_lora(stage1, self.backbone_options.lora)
 
     def setup(self, stage: str) -> None:
+        _quiet_expected_warnings()
         datamodule = self.trainer.datamodule
         if datamodule.cohort is None:
             datamodule.setup(stage)

@@ -224,3 +224,30 @@ def test_the_fused_linear_update_equals_the_logits_path():
     assert stats_logits["ratio"] != 1.0
     for name, value in weights_logits.items():
         torch.testing.assert_close(weights_fused[name], value, atol=1e-9, rtol=1e-7)
+
+
+def test_the_warnings_the_rl_module_silences_are_the_ones_torch_and_lightning_raise():
+    """``RLModule.setup`` silences two warnings its design sets off on purpose. The filters are set at setup, so
+    they hold after a caller resets the warning filters (a test harness, a notebook); each must match the real
+    message (torch's scheduler before any optimiser step; Lightning's post-step checkpoint notice)."""
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    from lightning_modules.rl import _quiet_expected_warnings
+
+    def raised(silence: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            warnings.simplefilter("always")
+            if silence:
+                _quiet_expected_warnings()
+            weight = torch.nn.Parameter(torch.zeros(1))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([weight], lr=0.1), lambda step: 1.0)
+            scheduler.step()  # a rollout with no update: the schedule steps, the optimiser does not
+            rank_zero_warn("Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization state was saved.")
+        return [str(w.message) for w in caught]
+
+    loud = raised(silence=False)
+    assert any("lr_scheduler.step()" in m for m in loud) and any("ModelCheckpoint" in m for m in loud)
+    assert raised(silence=True) == []
