@@ -14,7 +14,8 @@ Every variant starts from the same LoRA weights and takes ``B / --mini-batch`` o
 - GRPO: ε_high = 0.2, seq-mean-token-mean; R = R_cls;
 - DAPO: ε_high = 0.28, token-mean; R = R_cls + the overlong penalty (L_c = L/4).
 
-The reward reads ŷ leniently (``parse_probability``'s evaluation reading): at this model size the strict
+The reward reads ŷ anywhere in the completion (``parse_probability(anywhere=True)``, the last number without
+the tag; no longer evaluation's reading, which needs the tag): at this model size the strict
 reading of the reward path finds no ``<Final Answer>`` in a 48-token completion, so every reward would be
 equal and no variant would update. This is a check of the update's mechanics on a real model and real
 completions, not of learning. The output is one JSON with a row per variant, written to
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     groups = sample_groups(model, tokenizer, prompts, args.group, sampling, args.group)
     flat = [g for group in groups for g in group]
     matcher = FeatureMatcher(train.cohort.raw.feature_names)
-    parsed = [parse_answer(g.text, matcher) for g in flat]
+    parsed = [parse_answer(g.text, matcher, anywhere=True) for g in flat]
     expanded = [y for y in labels for _ in range(args.group)]
     y_hat = [p.probability for p in parsed]
     features = [p.features for p in parsed]

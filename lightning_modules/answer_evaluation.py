@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from eagrl.data.expert import load_expert_attention
 from eagrl.distributed import gather_objects, unique_records
 from eagrl.evaluation import bootstrap_metrics, subgroup_metrics
+from eagrl.errors import EAGRLInputError
 from eagrl.io import atomic_path
 from eagrl.llm.generation import ANSWER_CUE, generate, yes_no_probability
 from eagrl.llm.parsing import FeatureMatcher, parse_answer
@@ -26,6 +27,8 @@ from eagrl.llm.prompts import PromptFitter
 from eagrl.models.backbone import context_length
 from eagrl.rl.rewards import combined_reward
 from lightning_modules.generation import UsesGenerationEngine
+
+ANSWER_READINGS = ("final_answer", "anywhere")
 
 
 class AnswerEvaluator(UsesGenerationEngine, L.LightningModule):
@@ -35,7 +38,7 @@ class AnswerEvaluator(UsesGenerationEngine, L.LightningModule):
     write the completions to ``<default_root_dir>/<generations_file>``.
 
     Subclasses set ``self.llm``, ``self.tokenizer``, ``self.sampling``, ``self.reward`` and the hparams
-    ``style`` (or a class attribute ``style``), ``scorer``, ``generation_batch_size``, ``max_subquestions``, ``expert_attention``, ``top_k``,
+    ``style`` (or a class attribute ``style``), ``scorer``, ``answer_reading``, ``generation_batch_size``, ``max_subquestions``, ``expert_attention``, ``top_k``,
     ``truncate_visits``, ``unparsed_probability``, ``n_bootstrap``, ``bootstrap_seed``, ``progress_bar``,
     ``generations_file``, and call ``setup_answers`` once the model is loaded.
     """
@@ -43,6 +46,9 @@ class AnswerEvaluator(UsesGenerationEngine, L.LightningModule):
     def setup_answers(self, splits: list[str], max_new_tokens: Optional[int] = None) -> None:
         """Load the expert's top-k for ``splits`` and the prompt fitter, leaving ``max_new_tokens``
         (default: the evaluation's) of the context for the completion."""
+        reading = self.hparams.get("answer_reading", "final_answer")
+        if reading not in ANSWER_READINGS:
+            raise EAGRLInputError(f"model.answer_reading must be one of {ANSWER_READINGS}, got {reading!r}")
         datamodule = self.trainer.datamodule
         names = datamodule.cohort.raw.feature_names
         self.matcher = FeatureMatcher(names)
@@ -78,7 +84,8 @@ class AnswerEvaluator(UsesGenerationEngine, L.LightningModule):
         built = [self.fit_prompt(data, int(i)) for i in batch["index"]]
         prompts = [prompt for prompt, _, _ in built]
         generations = generate(self.llm, self.tokenizer, prompts, self.sampling, self.hparams.generation_batch_size, engine=self.engine)
-        parsed = [parse_answer(g.text, self.matcher) for g in generations]
+        anywhere = self.hparams.get("answer_reading", "final_answer") == "anywhere"  # runs saved before the option: the default
+        parsed = [parse_answer(g.text, self.matcher, anywhere) for g in generations]
         if self.hparams.scorer == "token_probability":
             cued = [p + g.text + ANSWER_CUE for p, g in zip(prompts, generations)]
             y_hat = yes_no_probability(self.llm, self.tokenizer, cued, self.hparams.generation_batch_size)

@@ -31,6 +31,9 @@ class PromptingModule(AnswerEvaluator):
         sampling: generation settings (greedy by default).
         scorer: ``parse`` reads ŷ from the answer text; ``token_probability`` uses P(yes)/(P(yes)+P(no))
             after the completion and a yes/no cue (for small models that write no calibrated numbers).
+        answer_reading: where ``parse`` reads ŷ: ``final_answer``, only after the ``<Final Answer>`` tag the
+            prompt asks for (no tag: unparsed); ``anywhere``, the older reading, also the last number of a
+            completion without the tag, which a looping small model takes from the patient data it echoes.
         generation_batch_size: prompts per ``generate`` call.
         max_subquestions: the most sub-questions asked for in the decomposition prompt.
         expert_attention: the ConCare run's ``expert_attention.jsonl`` (None: no alignment reward).
@@ -50,6 +53,7 @@ class PromptingModule(AnswerEvaluator):
         backbone: BackboneOptions = BackboneOptions(),
         sampling: SamplingOptions = SamplingOptions(max_new_tokens=32),
         scorer: Literal["parse", "token_probability"] = "parse",
+        answer_reading: Literal["final_answer", "anywhere"] = "final_answer",
         generation_batch_size: PositiveInt = 8,
         max_subquestions: PositiveInt = 4,
         expert_attention: Optional[str] = None,

@@ -152,6 +152,9 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         compile_loss: run the loss under ``torch.compile(fullgraph=True, dynamic=True)``.
         sampling: generation settings of the answer evaluation after fit (greedy by default).
         scorer: how ŷ is read in that evaluation (``parse`` or ``token_probability``).
+        answer_reading: where ``parse`` reads ŷ: ``final_answer``, only after the ``<Final Answer>`` tag the
+            prompt asks for (no tag: unparsed); ``anywhere``, the older reading, also the last number of a
+            completion without the tag, which a looping small model takes from the patient data it echoes.
         generation_batch_size: prompts per ``generate`` call in the evaluation.
         max_subquestions: the most sub-questions asked for in the prompt (as in stage 1).
         expert_attention: the expert export (``expert_attention.jsonl``): R_att needs it.
@@ -200,6 +203,7 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
         compile_loss: bool = False,
         sampling: SamplingOptions = SamplingOptions(max_new_tokens=256),
         scorer: Literal["parse", "token_probability"] = "parse",
+        answer_reading: Literal["final_answer", "anywhere"] = "final_answer",
         generation_batch_size: PositiveInt = 8,
         max_subquestions: PositiveInt = 4,
         expert_attention: Optional[str] = None,

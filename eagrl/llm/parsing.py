@@ -1,20 +1,25 @@
 """Read the prediction ŷ and the important-feature set C out of a completion. Never raises.
 
-The probability rule (``parse_probability``), applied to the text after the last ``<Final Answer>`` tag
-(up to the next tag), or to the whole completion when that tag is missing:
+Every prompt asks for the answer after a ``<Final Answer>`` tag, so ŷ is read from the text after the
+last ``<Final Answer>`` tag (up to the next tag). The probability rule (``parse_probability``) there:
 
-1. the first number there (the last one when the tag is missing; ``0.73``, ``.73``, ``73%``, ``73 percent``, ``7.3e-1``) is read: with a percent sign or
+1. the first number (``0.73``, ``.73``, ``73%``, ``73 percent``, ``7.3e-1``) is read: with a percent sign or
    word it is divided by 100; a bare number in [0, 1] is the probability; a bare number in (1, 100] is read
    as a percentage (``73`` -> 0.73); anything else (negative, above 100, ``nan``, ``inf``, ``1e309``) is
    out of range -> None;
-2. with no number, the first (last, without the tag) ``yes`` / ``no`` word gives 1.0 / 0.0;
-3. otherwise None (unparseable; the rewards give it their minimum).
+2. with no number, the first ``yes`` / ``no`` word gives 1.0 / 0.0;
+3. otherwise None (unparsed: evaluation scores it as ``unparsed_probability``, the rewards give it their
+   minimum). A completion without the tag is unparsed.
 
 That is the lenient reading, which evaluation uses (and reports the strict parse rate beside). The reward
 path (stage 1's search and stage 2's rollouts) reads strictly (``strict=True``), so that a reward cannot
-be earned by accident: only the ``<Final Answer>`` span is read (no tag, no ŷ: a truncated completion
-ending "HR 88" is not ŷ = 0.88), its first number must be a probability in [0, 1] or a percentage written
-with "%" / "percent" (a bare 73 or 1.5 is unparseable), and yes / no words do not count.
+be earned by accident: the same span, but its first number must be a probability in [0, 1] or a
+percentage written with "%" / "percent" (a bare 73 or 1.5 is unparseable), and yes / no words do not count.
+
+``anywhere=True`` is the older evaluation reading, kept to compare with: without the tag it takes the
+*last* number (else the last yes / no) of the whole completion. A small model that never writes the tag
+but loops over the patient's record ("... on day 15 of the stay", "value 1.0") then gets ŷ from echoed
+patient data (0.15, 1.0), which is a number about the record, not a prediction; do not report it as one.
 
 Feature names (``FeatureMatcher``): the text after the last ``<Important Features>`` tag (up to the next
 tag) is split on commas, semicolons, new lines and " and "; each item is normalised (case, spacing,
@@ -129,13 +134,15 @@ def section(text: str, tag: str) -> Optional[str]:
     return None if span is None else text[span[0] : span[1]]
 
 
-def parse_probability(text: str, strict: bool = False) -> Optional[float]:
-    """ŷ in [0, 1] from a completion (the rules in the module docstring; ``strict``: the reward path's), or None."""
+def parse_probability(text: str, strict: bool = False, anywhere: bool = False) -> Optional[float]:
+    """ŷ in [0, 1] from a completion (the rules in the module docstring; ``strict``: the reward path's;
+    ``anywhere``: the older reading that falls back to the last number of a completion without the tag),
+    or None."""
     if not isinstance(text, str):
         return None
     region = section(text, "Final Answer")
     tagged = region is not None
-    if strict and not tagged:
+    if not tagged and (strict or not anywhere):
         return None
     region = region if tagged else text[-2000:]
     numbers = list(NUMBER.finditer(region))
@@ -243,12 +250,13 @@ class ParsedAnswer:
     strict_probability: Optional[float] = None
 
 
-def parse_answer(text: str, matcher: FeatureMatcher) -> ParsedAnswer:
+def parse_answer(text: str, matcher: FeatureMatcher, anywhere: bool = False) -> ParsedAnswer:
+    """``anywhere``: read the lenient ŷ the older way (see ``parse_probability``); the strict one never is."""
     if not isinstance(text, str):
         return ParsedAnswer(None, [], 0, None)
     features, unknown = matcher.parse(text)
-    return ParsedAnswer(parse_probability(text), features, unknown, parse_probability(text, strict=True))
+    return ParsedAnswer(parse_probability(text, anywhere=anywhere), features, unknown, parse_probability(text, strict=True))
 
 
-def parse_answers(texts: Iterable[str], matcher: FeatureMatcher) -> list[ParsedAnswer]:
-    return [parse_answer(text, matcher) for text in texts]
+def parse_answers(texts: Iterable[str], matcher: FeatureMatcher, anywhere: bool = False) -> list[ParsedAnswer]:
+    return [parse_answer(text, matcher, anywhere) for text in texts]

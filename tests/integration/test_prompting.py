@@ -55,6 +55,41 @@ def test_token_probability_scorer_always_gives_a_probability(tmp_path, session_c
     assert all(0.0 < r["y_hat"] < 1.0 for r in records)
 
 
+def test_answer_reading_decides_whether_echoed_patient_data_counts_as_a_prediction(tmp_path, session_cache, model_cache, tjh_expert, monkeypatch):
+    """The same completions through the real CLI and evaluation, read two ways: half of them loop over the
+    record without the ``<Final Answer>`` tag. ``final_answer`` (the default) leaves those unparsed (ŷ None,
+    scored 0.5); ``anywhere`` takes the echoed "Oxygen saturation 97" as ŷ = 0.97, above the tagged answers' 0.8,
+    and the AUROC moves with it."""
+    from lightning_modules import answer_evaluation
+    from eagrl.llm.generation import Generation
+
+    def written(model, tokenizer, prompts, options, batch_size, engine=None):  # what a looping small model writes
+        texts = [
+            "<Final Answer> 0.8" if k % 2 else "The patient had 1 visit. Oxygen saturation 97 percent. The patient had 1 visit. Oxygen saturation 97"
+            for k in range(len(prompts))
+        ]
+        return [Generation(t, 10, 8, True, [1]) for t in texts]
+
+    monkeypatch.setattr(answer_evaluation, "generate", written)
+    runs = {}
+    for reading in ("final_answer", "anywhere"):
+        root = tmp_path / reading
+        extra = ["--model.init_args.expert_attention", str(tjh_expert), "--model.init_args.answer_reading", reading, "--trainer.limit_test_batches", "1.0"]  # every test patient: both outcomes
+        result = _prompting("configs/tjh/prompting_decomposition.yaml", root, session_cache, model_cache, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        records = [json.loads(line) for line in (root / "generations.jsonl").read_text().splitlines()]
+        runs[reading] = (records, json.loads((root / "metrics.json").read_text()))
+    (tagged, tagged_metrics), (anywhere, anywhere_metrics) = runs["final_answer"], runs["anywhere"]
+    n = len(tagged)
+    assert n == len(anywhere) > 100 and [r["y_hat"] for r in tagged] == [None, 0.8] * (n // 2) + [None] * (n % 2)
+    assert [r["y_hat"] for r in anywhere] == [0.97, 0.8] * (n // 2) + [0.97] * (n % 2) and anywhere_metrics["test/parse_rate"] == 1.0
+    assert tagged_metrics["test/parse_rate"] == tagged_metrics["test/strict_parse_rate"] == anywhere_metrics["test/strict_parse_rate"] == pytest.approx((n // 2) / n)
+    assert abs(tagged_metrics["test/auroc"] - 0.5) > 0.02  # the two answers rank the patients, not by chance
+    assert tagged_metrics["test/auroc"] + anywhere_metrics["test/auroc"] == pytest.approx(1.0, abs=0.01)  # the ranking flips (bootstrap means)
+    wrong = _prompting("configs/tjh/prompting_decomposition.yaml", tmp_path / "bad", session_cache, model_cache, "--model.init_args.answer_reading", "last_number")
+    assert wrong.returncode != 0 and "answer_reading" in wrong.stderr
+
+
 def test_a_long_prompt_drops_the_oldest_visits_or_stops(tmp_path, session_cache, model_cache, tjh_expert):
     extra = ["--model.init_args.expert_attention", str(tjh_expert), "--model.init_args.backbone.max_context", "2600", "--data.init_args.text_style", "paper"]
     result = _prompting("configs/tjh/prompting_vanilla.yaml", tmp_path / "cut", session_cache, model_cache, *extra)

@@ -39,7 +39,7 @@ MIMIC_NAMES = [f.name for f in MIMIC_FEATURES]
         ("<Final Answer> 1", 1.0),
         ("<Final Answer> yes", 1.0),
         ("<Final Answer> No.", 0.0),
-        ("The probability is 0.2 on day 3, I'd say 0.35", 0.35),  # no tag: the last number
+        ("The probability is 0.2 on day 3, I'd say 0.35", None),  # no tag: unparsed (the prompt asks for the tag)
         ("Day 4 looks bad. <Final Answer> 0.9 <Think> 0.1", 0.9),  # the tagged region only
         ("<Final Answer> 0.2 <Final Answer> 0.6", 0.6),  # the last tag wins
         ("<Final Answer> -0.2", None),
@@ -60,6 +60,23 @@ def test_probability_parsing(text, expected):
         assert value is None
     else:
         assert value == pytest.approx(expected)
+
+
+def test_the_older_anywhere_reading_takes_echoed_patient_data_for_a_prediction():
+    """A looping small model's completion without the tag: the default reading leaves it unparsed, the
+    older ``anywhere`` reading takes the last number of the echoed record (what made below-chance AUROCs)."""
+    looping = "The patient had 1 visit, on day 15 of the stay. The patient had 1 visit, on day 15 of the stay."
+    assert parse_probability(looping) is None and parse_probability(looping, strict=True) is None
+    assert parse_probability(looping, anywhere=True) == pytest.approx(0.15)
+    assert parse_probability("Lactate was high, value 1.0", anywhere=True) == 1.0
+    assert parse_probability("Is the patient at risk? No. Or yes", anywhere=True) == 1.0  # the last yes / no word
+    assert parse_probability("Is the patient at risk? No. Or yes") is None
+    for tagged in ("day 15 <Final Answer> 0.3", "<Final Answer> yes, day 15", "<Final Answer> 30"):
+        assert parse_probability(tagged) == parse_probability(tagged, anywhere=True)  # with the tag both read the span
+    assert parse_probability("day 15 <Final Answer> 0.3", anywhere=True, strict=True) == 0.3
+    assert parse_probability(looping, anywhere=True, strict=True) is None  # the reward path never reads anywhere
+    matcher = FeatureMatcher(TJH_NAMES)
+    assert parse_answer(looping, matcher).probability is None and parse_answer(looping, matcher, anywhere=True).probability == pytest.approx(0.15)
 
 
 def test_feature_names_map_onto_the_dataset():

@@ -222,7 +222,8 @@ def test_overlong_penalty():
 
 
 def test_strict_parsing_reads_only_the_final_answer():
-    assert parse_probability("Heart rate is rising. HR 88") == 0.88  # the lenient reading, as before
+    assert parse_probability("Heart rate is rising. HR 88", anywhere=True) == 0.88  # the older evaluation reading
+    assert parse_probability("Heart rate is rising. HR 88") is None  # evaluation's reading: no tag, no ŷ
     assert parse_probability("Heart rate is rising. HR 88", strict=True) is None  # a truncated completion
     assert parse_probability("<Final Answer> 73", strict=True) is None and parse_probability("<Final Answer> 1.5", strict=True) is None
     assert parse_probability("<Final Answer> 73%", strict=True) == 0.73
