@@ -457,7 +457,34 @@ def _run_facts(runs: Path) -> dict[str, Any]:
         if isinstance(backbone, dict) and backbone.get("name"):
             models.add(str(backbone["name"]))
     facts["llm_backbones"] = sorted(models)
+    facts["answer_reading"] = answer_readings(runs)
     return facts
+
+
+def answer_readings(runs: Path) -> dict[str, str]:
+    """{run path under ``runs``: how its evaluation read ŷ} for every LLM run with answers (``generations.jsonl``):
+    ``final_answer`` (only the ``<Final Answer>`` span) or ``anywhere`` (the older reading, also the last number
+    of a completion without the tag: a run configured before ``answer_reading`` existed read that way)."""
+    found: dict[str, str] = {}
+    for answers in sorted(runs.glob("**/generations.jsonl")):
+        config = answers.parent / "config.yaml"
+        args = ((yaml.safe_load(config.read_text()) or {}).get("model", {}).get("init_args", {}) or {}) if config.is_file() else {}
+        found[answers.parent.relative_to(runs).as_posix()] = str(args.get("answer_reading", "anywhere"))
+    return found
+
+
+LLM_FREE_ROWS = {"ConCare", WINDOW_ROW}  # the rows whose numbers do not depend on how an LLM answer is read
+
+
+def without_llm_entries(previous: dict[str, Any]) -> dict[str, Any]:
+    """An earlier ``results.json`` reduced to what no LLM answer decided (ConCare's rows, stage 1's search summary):
+    what may be carried from a report whose LLM answers were read the older way (no ``answer_reading`` fact)."""
+    kept: dict[str, Any] = {"main": {row: cells for row, cells in (previous.get("main") or {}).items() if row in LLM_FREE_ROWS}}
+    for section in ("calibration", "subgroups"):
+        kept[section] = {key: {row: v for row, v in (rows or {}).items() if row in LLM_FREE_ROWS} for key, rows in (previous.get(section) or {}).items()}
+    if "stage1" in previous:
+        kept["stage1"] = previous["stage1"]
+    return kept
 
 
 def torch_device() -> Optional[str]:
@@ -490,6 +517,12 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
                      f"from the earlier report `{carried['from']}`; the ROC/PR and RL-curve plots draw these runs only:")  # fmt: skip
         for (generated, revision), paths in sorted(by_origin.items()):
             lines.append(f"  - from the report generated {generated} (its latest run at git {revision[:7]}): {', '.join(paths)}")
+    readings = facts.get("answer_reading") or {}
+    older = sorted(run for run, reading in readings.items() if reading != "final_answer")
+    lines.append("- LLM answers: ŷ read from the `<Final Answer>` span the prompt asks for (no tag: unparsed, scored 0.5)"
+                 + (f"; **read the older way (the last number anywhere, which takes echoed patient data for ŷ)**: {', '.join(older)}" if older else ""))
+    if facts.get("not_carried"):
+        lines.append(f"- not carried: {facts['not_carried']}")
     lines.append("")
     lines += ["AUROC and AUPRC x100: mean ± std over the bootstrap resamples of the test patients answered (the paper's form), "
               "then [2.5th, 97.5th percentile] of the same resamples, a 95% interval (n: how many patients; ConCare: the whole "
@@ -946,8 +979,12 @@ def build(runs: Path, out: Path, previous: Optional[Path] = None) -> dict[str, A
     facts = _run_facts(runs)
     if earlier:
         try:
-            taken = carry_over(results, {k: v for k, v in earlier.items() if k not in ("facts", "plots")})
             old = earlier.get("facts") or {}
+            usable = {k: v for k, v in earlier.items() if k not in ("facts", "plots")}
+            if "answer_reading" not in old:  # its LLM answers were read the older way: only what no answer decided is carried
+                usable = without_llm_entries(usable)
+                facts["not_carried"] = f"the LLM entries of {previous}: read before answer_reading existed (the last number anywhere)"
+            taken = carry_over(results, usable)
             origin = {"generated": old.get("generated"), "git_revision": old.get("git_revision")}
             before = {e["path"]: e for e in (old.get("carried_over") or {}).get("entries", []) if isinstance(e, dict)}
             entries = [{**origin, **before.get(path, {}), "path": path} for path in taken]  # an entry keeps its first report

@@ -23,6 +23,7 @@ def _run(folder: Path, seed: int, with_predictions: bool = True) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(metrics))
     if with_predictions:
+        (folder / "config.yaml").write_text("model:\n  init_args:\n    answer_reading: final_answer\n")
         rows = [{"id": f"s{k}", "split": "test", "label": k % 2, "y_hat": rng.random()} for k in range(8)]
         (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         logs = folder / "logs/version_0"
@@ -305,8 +306,32 @@ def test_cells_whose_runs_are_absent_are_carried_from_an_earlier_report(tmp_path
     with pytest.raises(EAGRLInputError, match="nowhere.json"):
         build(second, out, previous=tmp_path / "nowhere.json")
     broken = tmp_path / "broken.json"
-    broken.write_text(json.dumps({"main": {"SFT": {"tjh": {"auroc": 0.7}}}}))
+    broken.write_text(json.dumps({"main": {"SFT": {"tjh": {"auroc": 0.7}}}, "facts": {"answer_reading": {}}}))
     before = (out / "results.md").read_text()
     with pytest.raises(EAGRLInputError, match="broken.json: not a results.json this version can read"):
         build(second, out, previous=broken)
     assert (out / "results.md").read_text() == before  # nothing written
+
+
+def test_llm_entries_read_the_older_way_are_flagged_and_not_carried(tmp_path):
+    """A run configured before ``answer_reading`` existed read ŷ anywhere in the completion (echoed patient data
+    included): the report names it; an earlier report without the ``answer_reading`` fact gives only what no LLM
+    answer decided (ConCare's rows), and says what it left."""
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "results"
+    concare = _run(first / "tjh" / "concare", 1)
+    _run(first / "tjh" / "prompting_decomposition", 2)
+    (first / "tjh" / "prompting_decomposition" / "config.yaml").write_text("model:\n  init_args:\n    scorer: parse\n")  # an older run
+    earlier = build(first, out)
+    assert earlier["facts"]["answer_reading"] == {"tjh/concare": "final_answer", "tjh/prompting_decomposition": "anywhere"}
+    assert "read the older way" in (out / "results.md").read_text() and "tjh/prompting_decomposition" in (out / "results.md").read_text()
+    before = json.loads((out / "results.json").read_text())
+    del before["facts"]["answer_reading"]  # as a report written before the fact existed
+    (out / "results.json").write_text(json.dumps(before))
+    _run(second / "tjh" / "rl", 3)
+    results = build(second, out, previous=out / "results.json")
+    assert results["main"]["ConCare"]["tjh"]["auroc"] == concare["test/auroc"]  # carried: no LLM answer in it
+    assert results["main"]["Question Decomposition"]["tjh"] is None and results["paired"]["tjh"]["EAG-RL − Question Decomposition"] is None
+    text = (out / "results.md").read_text()
+    assert "not carried: the LLM entries of" in text and "read the older way" not in text
+    kept = json.loads((out / "results.json").read_text())
+    assert kept["facts"]["answer_reading"] == {"tjh/rl": "final_answer"}  # written, so a later report carries its LLM rows
