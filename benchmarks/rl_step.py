@@ -57,7 +57,8 @@ def _reward(texts: list[str], label: int) -> list[float]:
     from eagrl.llm.parsing import parse_probability
     from eagrl.rl.rewards import RewardConfig, classification_reward
 
-    return classification_reward([parse_probability(t, anywhere=True) for t in texts]  # rewards that vary (see clip_activity), [label] * len(texts), RewardConfig(use_attention=False)).tolist()
+    found = [parse_probability(t, anywhere=True) for t in texts]  # the last number anywhere: rewards that vary (see clip_activity)
+    return classification_reward(found, [label] * len(texts), RewardConfig(use_attention=False)).tolist()
 
 
 def run_ours(args) -> dict:

@@ -469,16 +469,28 @@ def answer_readings(runs: Path) -> dict[str, str]:
     for answers in sorted(runs.glob("**/generations.jsonl")):
         config = answers.parent / "config.yaml"
         args = ((yaml.safe_load(config.read_text()) or {}).get("model", {}).get("init_args", {}) or {}) if config.is_file() else {}
-        found[answers.parent.relative_to(runs).as_posix()] = str(args.get("answer_reading", "anywhere"))
+        reading = "token_probability" if args.get("scorer") == "token_probability" else str(args.get("answer_reading", "anywhere"))
+        found[answers.parent.relative_to(runs).as_posix()] = reading  # token_probability: ŷ is P(yes), read from no text
     return found
 
 
 LLM_FREE_ROWS = {"ConCare", WINDOW_ROW}  # the rows whose numbers do not depend on how an LLM answer is read
 
 
+def read_the_older_way(facts: dict[str, Any]) -> list[str]:
+    """The runs of a report whose LLM answers were read the older way: all of them (``["*"]``) for a report written
+    before the ``answer_reading`` fact existed, else those it names with ``anywhere``."""
+    if "answer_reading" not in facts:
+        return ["*"]
+    return sorted(run for run, reading in (facts["answer_reading"] or {}).items() if reading == "anywhere")
+
+
 def without_llm_entries(previous: dict[str, Any]) -> dict[str, Any]:
-    """An earlier ``results.json`` reduced to what no LLM answer decided (ConCare's rows, stage 1's search summary):
-    what may be carried from a report whose LLM answers were read the older way (no ``answer_reading`` fact)."""
+    """An earlier ``results.json`` reduced to ConCare's main-table, calibration and subgroup entries and the TJH /
+    MIMIC-IV stage-1 summaries: what may be carried from a report with LLM answers read the older way
+    (``read_the_older_way``). Everything else goes, the synthetic section (its ConCare row too), the stage-1
+    summary of the synthetic cohort (carried only with that section) and the RL reward trends (carried only with
+    their runs' cells) included."""
     kept: dict[str, Any] = {"main": {row: cells for row, cells in (previous.get("main") or {}).items() if row in LLM_FREE_ROWS}}
     for section in ("calibration", "subgroups"):
         kept[section] = {key: {row: v for row, v in (rows or {}).items() if row in LLM_FREE_ROWS} for key, rows in (previous.get(section) or {}).items()}
@@ -518,9 +530,10 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
         for (generated, revision), paths in sorted(by_origin.items()):
             lines.append(f"  - from the report generated {generated} (its latest run at git {revision[:7]}): {', '.join(paths)}")
     readings = facts.get("answer_reading") or {}
-    older = sorted(run for run, reading in readings.items() if reading != "final_answer")
-    lines.append("- LLM answers: ŷ read from the `<Final Answer>` span the prompt asks for (no tag: unparsed, scored 0.5)"
-                 + (f"; **read the older way (the last number anywhere, which takes echoed patient data for ŷ)**: {', '.join(older)}" if older else ""))
+    older = sorted(run for run, reading in readings.items() if reading == "anywhere")
+    if readings:
+        lines.append("- LLM answers: ŷ read from the `<Final Answer>` span the prompt asks for (no tag: unparsed, scored 0.5)"
+                     + (f"; **read the older way (the last number anywhere, which takes echoed patient data for ŷ)**: {', '.join(older)}" if older else ""))
     if facts.get("not_carried"):
         lines.append(f"- not carried: {facts['not_carried']}")
     lines.append("")
@@ -981,9 +994,11 @@ def build(runs: Path, out: Path, previous: Optional[Path] = None) -> dict[str, A
         try:
             old = earlier.get("facts") or {}
             usable = {k: v for k, v in earlier.items() if k not in ("facts", "plots")}
-            if "answer_reading" not in old:  # its LLM answers were read the older way: only what no answer decided is carried
+            older = read_the_older_way(old)
+            if older:  # LLM answers read the older way: only what no answer decided is carried, and no earlier plot
                 usable = without_llm_entries(usable)
-                facts["not_carried"] = f"the LLM entries of {previous}: read before answer_reading existed (the last number anywhere)"
+                runs_named = "every run (written before answer_reading existed)" if older == ["*"] else ", ".join(older)
+                facts["not_carried"] = f"the LLM entries and plots of {previous}, whose answers were read the older way (the last number anywhere): {runs_named}"
             taken = carry_over(results, usable)
             origin = {"generated": old.get("generated"), "git_revision": old.get("git_revision")}
             before = {e["path"]: e for e in (old.get("carried_over") or {}).get("entries", []) if isinstance(e, dict)}
@@ -994,7 +1009,7 @@ def build(runs: Path, out: Path, previous: Optional[Path] = None) -> dict[str, A
         except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise EAGRLInputError(f"--previous {previous}: not a results.json this version can read ({type(err).__name__}: {err})") from None
     results["plots"] = _plot_curves(runs, out) + _plot_calibration(results, out) + _plot_robustness(results, out) + _plot_cross(results, out) + _plot_rl(runs, out)
-    if earlier:  # its plots of runs not here stay (the files are not rewritten)
+    if earlier and "not_carried" not in facts:  # its plots of runs not here stay (the files are not rewritten)
         results["plots"] += [name for name in earlier.get("plots", []) if name not in results["plots"] and (out / name).is_file()]
     results["facts"] = facts
     write_json_atomic(out / "results.json", results)

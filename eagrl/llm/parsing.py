@@ -17,7 +17,7 @@ be earned by accident: the same span, but its first number must be a probability
 percentage written with "%" / "percent" (a bare 73 or 1.5 is unparseable), and yes / no words do not count.
 
 ``anywhere=True`` is the older evaluation reading, kept to compare with: without the tag it takes the
-*last* number (else the last yes / no) of the whole completion. A small model that never writes the tag
+*last* number (else the last yes / no) of the completion's last 2,000 characters (``strict`` ignores it). A small model that never writes the tag
 but loops over the patient's record ("... on day 15 of the stay", "value 1.0") then gets ŷ from echoed
 patient data (0.15, 1.0), which is a number about the record, not a prediction; do not report it as one.
 

@@ -121,6 +121,26 @@ def test_a_half_written_distillation_is_not_done(tmp_path):
     assert stage.done()
 
 
+def test_answers_read_before_answer_reading_existed_are_not_done(tmp_path):
+    """A prompting run whose config predates ``answer_reading`` read ŷ the older way (the last number anywhere):
+    a resumed pipeline answers again instead of keeping it; the same run with the key, or a token-probability
+    scorer, is done."""
+    stage = next(s for s in Plan("smoke", tmp_path).stages if s.name == "tjh/prompting_decomposition")
+    (expert,), (metrics,) = stage.inputs, stage.outputs
+    for path in (expert, metrics):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    expert.write_text("")
+    metrics.write_text("{}")
+    (metrics.parent / "generations.jsonl").write_text("{}\n")
+    config = metrics.parent / "config.yaml"
+    config.write_text("model:\n  init_args:\n    scorer: parse\n")
+    assert not stage.done()
+    config.write_text("model:\n  init_args:\n    scorer: token_probability\n")
+    assert stage.done()
+    config.write_text("model:\n  init_args:\n    scorer: parse\n    answer_reading: final_answer\n")
+    assert stage.done()
+
+
 def test_only_names_one_stage_or_a_prefix(tmp_path):
     """``--only tjh/rl`` is EAG-RL alone (not GRPO, DAPO and the ablations, whose names start with it); a prefix that is
     no stage's name selects every stage under it."""

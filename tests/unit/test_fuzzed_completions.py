@@ -195,6 +195,9 @@ def parsed(fuzzed):
             p = answer.probability
             assert p is None or (isinstance(p, float) and math.isfinite(p) and 0.0 <= p <= 1.0), p
             assert parse_probability(text) == p or (p is None and parse_probability(text) is None)
+            older = parse_probability(text, anywhere=True)  # the older reading: the same contract, and the span's answer when tagged
+            assert older is None or (isinstance(older, float) and math.isfinite(older) and 0.0 <= older <= 1.0), older
+            assert p is None or older == p
             assert len(set(answer.features)) == len(answer.features) and set(answer.features) <= known
             assert answer.unknown_features >= 0 and len(answer.features) + answer.unknown_features <= 200
             for tag in (KEY_TAG, "Final Answer", "Subquestion"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -318,20 +319,32 @@ def test_llm_entries_read_the_older_way_are_flagged_and_not_carried(tmp_path):
     included): the report names it; an earlier report without the ``answer_reading`` fact gives only what no LLM
     answer decided (ConCare's rows), and says what it left."""
     first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "results"
-    concare = _run(first / "tjh" / "concare", 1)
+    concare = _run(first / "tjh" / "concare", 1, with_predictions=False)  # ConCare writes no LLM answers
     _run(first / "tjh" / "prompting_decomposition", 2)
     (first / "tjh" / "prompting_decomposition" / "config.yaml").write_text("model:\n  init_args:\n    scorer: parse\n")  # an older run
+    _run(first / "tjh" / "prompting_vanilla", 3)
+    (first / "tjh" / "prompting_vanilla" / "config.yaml").write_text("model:\n  init_args:\n    scorer: token_probability\n")
     earlier = build(first, out)
-    assert earlier["facts"]["answer_reading"] == {"tjh/concare": "final_answer", "tjh/prompting_decomposition": "anywhere"}
-    assert "read the older way" in (out / "results.md").read_text() and "tjh/prompting_decomposition" in (out / "results.md").read_text()
-    before = json.loads((out / "results.json").read_text())
-    del before["facts"]["answer_reading"]  # as a report written before the fact existed
-    (out / "results.json").write_text(json.dumps(before))
-    _run(second / "tjh" / "rl", 3)
-    results = build(second, out, previous=out / "results.json")
-    assert results["main"]["ConCare"]["tjh"]["auroc"] == concare["test/auroc"]  # carried: no LLM answer in it
-    assert results["main"]["Question Decomposition"]["tjh"] is None and results["paired"]["tjh"]["EAG-RL − Question Decomposition"] is None
-    text = (out / "results.md").read_text()
-    assert "not carried: the LLM entries of" in text and "read the older way" not in text
-    kept = json.loads((out / "results.json").read_text())
-    assert kept["facts"]["answer_reading"] == {"tjh/rl": "final_answer"}  # written, so a later report carries its LLM rows
+    assert earlier["facts"]["answer_reading"] == {"tjh/prompting_decomposition": "anywhere", "tjh/prompting_vanilla": "token_probability"}
+    flagged = next(line for line in (out / "results.md").read_text().splitlines() if "read the older way" in line)
+    assert "tjh/prompting_decomposition" in flagged and "tjh/prompting_vanilla" not in flagged
+    _run(second / "tjh" / "rl", 4)
+    alone = build(second, tmp_path / "alone")["plots"]
+    for facts in ("named", "absent"):  # the fact names the run; a report written before the fact existed
+        target = tmp_path / facts
+        shutil.copytree(out, target)  # the earlier report and its plots where the new one is written
+        if facts == "absent":
+            earlier_json = json.loads((target / "results.json").read_text())
+            del earlier_json["facts"]["answer_reading"]
+            (target / "results.json").write_text(json.dumps(earlier_json))
+        results = build(second, target, previous=target / "results.json")
+        assert results["main"]["ConCare"]["tjh"]["auroc"] == concare["test/auroc"]  # carried: no LLM answer in it
+        assert results["main"]["Question Decomposition"]["tjh"] is None and results["main"]["Vanilla"]["tjh"] is None
+        assert results["paired"]["tjh"]["EAG-RL − Question Decomposition"] is None
+        text = (target / "results.md").read_text()
+        assert "not carried: the LLM entries and plots of" in text and "**read the older way" not in text
+        assert results["facts"]["answer_reading"] == {"tjh/rl": "final_answer"}  # written, so a later report carries its LLM rows
+        assert results["plots"] == alone  # no earlier plot (drawn from answers read the older way) stays listed
+    assert "every run (written before answer_reading existed)" in (tmp_path / "absent" / "results.md").read_text()
+    fresh = build(second, tmp_path / "later", previous=tmp_path / "named" / "results.json")  # a report whose runs read the span
+    assert fresh["main"]["EAG-RL"]["tjh"] is not None and "not_carried" not in fresh["facts"]
