@@ -3,6 +3,8 @@ computation on a small hand-made set of predictions."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +63,30 @@ def test_paired_difference_equals_a_direct_computation():
     assert same["delta_auroc"] == 0.0 and same["delta_auroc_ci_low"] == same["delta_auroc_ci_high"] == 0.0
     with pytest.raises(ValueError, match="one prediction per patient"):
         paired_difference(A, B[:-1], LABELS)
+
+
+def test_each_reading_of_saved_answers_equals_a_direct_computation(tmp_path, capsys):
+    """``eagrl.evaluation.readings``: per reading, the answers it reads and the AUROC of ŷ (unread: 0.5) equal
+    ``bootstrap_metrics`` on ŷ parsed that way; a bad file is one clear error naming it and the line."""
+    from eagrl.evaluation.metrics import bootstrap_metrics
+    from eagrl.evaluation.readings import main, read_each_way
+    from eagrl.llm.parsing import parse_probability
+
+    completions = ["<Final Answer> 0.9", "on day 15 of the stay", "<Final Answer> 20%", "value 1.0", "<Final Answer> 73", "no"] * 3
+    labels = [1, 0, 0, 1, 1, 0] * 3
+    found = read_each_way(completions, labels, n_bootstrap=50)
+    assert (found["final_answer"]["read"], found["anywhere"]["read"], found["strict"]["read"]) == (9, 18, 6)
+    assert (found["final_answer"]["untagged"], found["anywhere"]["untagged"], found["strict"]["untagged"]) == (0, 9, 0)
+    for name, options in (("final_answer", {}), ("anywhere", {"anywhere": True}), ("strict", {"strict": True})):
+        y = [parse_probability(t, **options) for t in completions]
+        direct = bootstrap_metrics(torch.tensor([0.5 if v is None else v for v in y], dtype=torch.float64), torch.tensor(labels), 50, 0)
+        assert found[name]["auroc"] == pytest.approx(direct["auroc"]) and found[name]["auprc_ci_high"] == pytest.approx(direct["auprc_ci_high"])
+    assert found["final_answer"]["auroc"] != found["anywhere"]["auroc"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "generations.jsonl").write_text("".join(json.dumps({"completion": c, "label": y}) + "\n" for c, y in zip(completions, labels)))
+    main([str(run), "--bootstrap", "20", "--json", str(tmp_path / "readings.json")])
+    assert "| anywhere | 18 | 9 |" in capsys.readouterr().out and set(json.loads((tmp_path / "readings.json").read_text())) == set(found)
+    (run / "generations.jsonl").write_text('{"completion": "x"}\n')
+    with pytest.raises(SystemExit, match=r"generations.jsonl line 1: expected a JSON object with 'completion' and 'label'"):
+        main([str(run)])
