@@ -11,6 +11,10 @@ last ``<Final Answer>`` tag (up to the next tag). The probability rule (``parse_
 3. otherwise None (unparsed: evaluation scores it as ``unparsed_probability``, the rewards give it their
    minimum). A completion without the tag is unparsed.
 
+A span that opens with a list number (``1. The patient had 1 visit``, ``2) Sodium``) is an echoed list, not an
+answer: the number is skipped and, unless a number or yes / no follows it at once (``1. 0.8``), the span is
+unparsed. (A fine-tuned SmolLM2 numbers its lines; read as a number, "1." would be ŷ = 1.)
+
 That is the lenient reading, which evaluation uses (and reports the strict parse rate beside). The reward
 path (stage 1's search and stage 2's rollouts) reads strictly (``strict=True``), so that a reward cannot
 be earned by accident: the same span, but its first number must be a probability in [0, 1] or a
@@ -38,6 +42,7 @@ from typing import Iterable, Optional
 TAG = re.compile(r"<\s*/?\s*([A-Za-z]+(?: +[A-Za-z]+)*)\s*>")  # linear: no run of spaces is tried two ways
 NUMBER = re.compile(r"(?<![\w.])([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)(?!\d|\.\d)\s*(%|percent\b)?", re.IGNORECASE)
 YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+LIST_NUMBER = re.compile(r"\s*\d{1,3}[.)][ \t]+(?=\S)")  # "1. " / "2) " opening a span, text after it on the line
 
 # A small alias table: common ways of writing a feature -> its name in the data (matched after normalising).
 ALIASES = {
@@ -145,6 +150,11 @@ def parse_probability(text: str, strict: bool = False, anywhere: bool = False) -
     if not tagged and (strict or not anywhere):
         return None
     region = region if tagged else text[-2000:]
+    listed = LIST_NUMBER.match(region) if tagged else None
+    if listed:
+        region = region[listed.end() :]
+        if not (NUMBER.match(region) or (not strict and YES_NO.match(region))):
+            return None  # an echoed numbered list, not an answer
     numbers = list(NUMBER.finditer(region))
     if numbers:
         match = numbers[0] if tagged else numbers[-1]

@@ -42,6 +42,13 @@ MIMIC_NAMES = [f.name for f in MIMIC_FEATURES]
         ("The probability is 0.2 on day 3, I'd say 0.35", None),  # no tag: unparsed (the prompt asks for the tag)
         ("Day 4 looks bad. <Final Answer> 0.9 <Think> 0.1", 0.9),  # the tagged region only
         ("<Final Answer> 0.2 <Final Answer> 0.6", 0.6),  # the last tag wins
+        ("<Final Answer> 1. The patient had 1 visit, on day 4 of the stay.", None),  # a list number, not ŷ = 1
+        ("<Final Answer> 2) Sodium: 148.31 mmol/L", None),
+        ("<Final Answer> 1. 0.8", 0.8),  # the list number skipped, the answer after it
+        ("<Final Answer> 1. Yes", 1.0),
+        ("<Final Answer> 1.", 1.0),  # nothing after it: the answer 1
+        ("<Final Answer> 1.\nThe patient is stable", 1.0),  # the answer, then a new line
+        ("<Final Answer> 0. ", 0.0),
         ("<Final Answer> -0.2", None),
         ("<Final Answer> 250", None),
         ("<Final Answer> 1e309", None),

@@ -229,6 +229,8 @@ def test_strict_parsing_reads_only_the_final_answer():
     assert parse_probability("<Final Answer> 73%", strict=True) == 0.73
     assert parse_probability("<Final Answer> 0.4", strict=True) == 0.4
     assert parse_probability("<Final Answer> yes", strict=True) is None
+    assert parse_probability("<Final Answer> 1. The patient had 1 visit", strict=True) is None  # no reward for a list number
+    assert parse_probability("<Final Answer> 1. Yes", strict=True) is None and parse_probability("<Final Answer> 1. 0.3", strict=True) == 0.3
     parsed = parse_answer("<Important Features> Heart rate, Unicorn count\n<Final Answer> 73", FeatureMatcher(["Heart rate"]))
     assert parsed.probability == 0.73 and parsed.strict_probability is None and parsed.unknown_features == 1
 
