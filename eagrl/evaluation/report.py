@@ -486,16 +486,13 @@ def read_the_older_way(facts: dict[str, Any]) -> list[str]:
 
 
 def without_llm_entries(previous: dict[str, Any]) -> dict[str, Any]:
-    """An earlier ``results.json`` reduced to ConCare's main-table, calibration and subgroup entries and the TJH /
-    MIMIC-IV stage-1 summaries: what may be carried from a report with LLM answers read the older way
-    (``read_the_older_way``). Everything else goes, the synthetic section (its ConCare row too), the stage-1
-    summary of the synthetic cohort (carried only with that section) and the RL reward trends (carried only with
-    their runs' cells) included."""
+    """An earlier ``results.json`` reduced to ConCare's main-table, calibration and subgroup entries: what may be
+    carried from a report with LLM answers read the older way (``read_the_older_way``). Everything else goes: the
+    synthetic section (its ConCare row too), the RL reward trends (carried only with their runs' cells) and the
+    stage-1 summaries (its paths' answers were read before a list number stopped counting as ŷ)."""
     kept: dict[str, Any] = {"main": {row: cells for row, cells in (previous.get("main") or {}).items() if row in LLM_FREE_ROWS}}
     for section in ("calibration", "subgroups"):
         kept[section] = {key: {row: v for row, v in (rows or {}).items() if row in LLM_FREE_ROWS} for key, rows in (previous.get(section) or {}).items()}
-    if "stage1" in previous:
-        kept["stage1"] = previous["stage1"]
     return kept
 
 
