@@ -79,21 +79,11 @@ class Stage:
         if not all(p.exists() for p in self.outputs):
             return False
         newest_input = max((p.stat().st_mtime for p in self.inputs + self.configs if p.exists()), default=0.0)
-        if any(read_before_answer_reading(p.parent) for p in self.outputs if p.name == "metrics.json"):
+        from eagrl.evaluation.readings import answer_reading_of  # here: the launcher itself never imports torch
+
+        if any(answer_reading_of(p.parent) == "anywhere" for p in self.outputs if p.name == "metrics.json"):
             return False  # its test answers were read the older way: answered again, not reported
         return min(p.stat().st_mtime for p in self.outputs) >= newest_input
-
-
-def read_before_answer_reading(run: Path) -> bool:
-    """True for a run whose test answers (``generations.jsonl``) were read before ``answer_reading`` existed,
-    i.e. the older way (the last number of a completion without the ``<Final Answer>`` tag)."""
-    config = run / "config.yaml"
-    if not (run / "generations.jsonl").is_file() or not config.is_file():
-        return False
-    import yaml
-
-    args = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("init_args") or {}
-    return isinstance(args, dict) and args.get("scorer", "parse") == "parse" and "answer_reading" not in args
 
 
 class Plan:

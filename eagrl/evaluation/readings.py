@@ -26,6 +26,21 @@ from eagrl.llm.parsing import parse_probability, section
 READINGS = {"final_answer": {}, "anywhere": {"anywhere": True}, "strict": {"strict": True}}
 
 
+def answer_reading_of(run: Path) -> Optional[str]:
+    """How a run's test answers (``generations.jsonl``) were read, from its ``config.yaml``: ``final_answer``,
+    ``anywhere`` (also a config written before ``answer_reading`` existed, or none), or ``token_probability``
+    (ŷ is P(yes), read from no text); None for a run without answers."""
+    if not (run / "generations.jsonl").is_file():
+        return None
+    import yaml
+
+    config = run / "config.yaml"
+    args = (((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("init_args") or {}) if config.is_file() else {}
+    if args.get("scorer") == "token_probability":
+        return "token_probability"
+    return str(args.get("answer_reading", "anywhere"))
+
+
 def read_each_way(completions: list[str], labels: list[int], unparsed: float = 0.5, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
     """{reading: {read, untagged, patients, auroc, auroc_ci_low, auroc_ci_high, auprc, ...}} for N completions
     (completions, labels: N each); ``untagged``: answers read from a completion without ``<Final Answer>``."""

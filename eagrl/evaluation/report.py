@@ -47,6 +47,7 @@ from typing import Any, Optional
 import yaml
 
 from eagrl.errors import EAGRLInputError
+from eagrl.evaluation.readings import answer_reading_of
 from eagrl.io import write_json_atomic, write_text_atomic
 
 COLUMNS = [  # (key, title, dataset folder, run-name suffix): the real cohorts of the main table
@@ -467,10 +468,7 @@ def answer_readings(runs: Path) -> dict[str, str]:
     of a completion without the tag: a run configured before ``answer_reading`` existed read that way)."""
     found: dict[str, str] = {}
     for answers in sorted(runs.glob("**/generations.jsonl")):
-        config = answers.parent / "config.yaml"
-        args = ((yaml.safe_load(config.read_text()) or {}).get("model", {}).get("init_args", {}) or {}) if config.is_file() else {}
-        reading = "token_probability" if args.get("scorer") == "token_probability" else str(args.get("answer_reading", "anywhere"))
-        found[answers.parent.relative_to(runs).as_posix()] = reading  # token_probability: ŷ is P(yes), read from no text
+        found[answers.parent.relative_to(runs).as_posix()] = answer_reading_of(answers.parent)
     return found
 
 
