@@ -7,11 +7,16 @@ through ``TrajectoryWriter``; rerunning the command resumes (see ``eagrl.mcts.st
 
 Determinism: each batch is searched under a seed made of ``seed``, the dataloader and the batch index.
 A batch with any unfinished patient is searched again whole (only its unfinished patients are written),
-so a resumed run writes exactly what an uninterrupted one would have.
+so a resumed run writes exactly what an uninterrupted one would have. A rerun resumes only under the settings
+the file was written with (``<filename>.settings.json``): with any other search, sampling, selection, reward, model or
+text setting, the earlier files are moved to ``stale-<n>/`` in the run directory (nothing is deleted) and the search
+starts again, so one trajectory file never mixes two stage-1 configurations.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +28,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from eagrl.data.expert import load_expert_attention
 from eagrl.errors import EAGRLInputError
+from eagrl.io import write_json_atomic
 from eagrl.llm.parsing import FeatureMatcher
 from eagrl.llm.prompts import PromptFitter
 from eagrl.mcts.policy import LLMPolicy, PolicySampling
@@ -32,6 +38,37 @@ from eagrl.mcts.store import TrajectoryStore, merge_stores
 from eagrl.models.backbone import BackboneOptions, context_length, load_backbone
 from eagrl.rl.rewards import RewardConfig
 from lightning_modules.generation import UsesGenerationEngine
+
+log = logging.getLogger(__name__)
+
+# settings that do not change what the search writes (where files are, how it is shown, how many patients are asked for)
+UNWRITTEN_MODEL_KEYS = {"expert_attention"}
+UNWRITTEN_BACKBONE_KEYS = {"cache_dir", "progress"}
+UNWRITTEN_DATA_KEYS = {
+    "data_dir", "cache_dir", "num_workers", "rebuild_cache", "progress", "chunk_size", "eval_batch_size", "eval_patients",
+    "predict_splits", "train_patients",
+}  # fmt: skip
+
+
+def search_settings(module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, Any]:
+    """The settings a trajectory file is written under: the module's and the data's hyperparameters, less the
+    ``UNWRITTEN_*`` keys. A JSON-able dict (values that JSON cannot hold are written as text)."""
+    model = {k: v for k, v in dict(module.hparams).items() if k not in UNWRITTEN_MODEL_KEYS}
+    if isinstance(model.get("backbone"), dict):
+        model["backbone"] = {k: v for k, v in model["backbone"].items() if k not in UNWRITTEN_BACKBONE_KEYS}
+    data = {k: v for k, v in dict(datamodule.hparams).items() if k not in UNWRITTEN_DATA_KEYS}
+    return json.loads(json.dumps({"model": model, "data": data}, sort_keys=True, default=str))
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 class TrajectoryWriter(BasePredictionWriter):
@@ -55,8 +92,37 @@ class TrajectoryWriter(BasePredictionWriter):
         paths = sorted(p for p in root.glob(f"{self.filename}.part*") if not p.name.endswith((".done", ".tmp")))
         return [TrajectoryStore(p) for p in paths]
 
+    def _files(self, root: Path) -> list[Path]:
+        return sorted(p for p in root.glob(f"{self.filename}*") if p.is_file() and p.name != f"{self.filename}.settings.json")
+
+    def check_settings(self, root: Path, settings: dict[str, Any]) -> None:
+        """Keep the trajectory files only if they were written under ``settings``; else move them (and their
+        settings record) to a new ``stale-<n>/`` folder of ``root`` and record ``settings``."""
+        record = root / f"{self.filename}.settings.json"
+        earlier = json.loads(record.read_text()) if record.is_file() else None
+        files = self._files(root)
+        if earlier != settings and files:
+            n = 1
+            while (root / f"stale-{n}").exists():
+                n += 1
+            stale = root / f"stale-{n}"
+            stale.mkdir()
+            for path in files + ([record] if record.is_file() else []):
+                path.rename(stale / path.name)
+            changed = "the settings were not recorded" if earlier is None else "changed: " + ", ".join(_changed_keys(earlier, settings))
+            log.warning(
+                "%s: %d patient(s) were searched under other settings (%s); those files are moved to %s and the search starts again",
+                root / self.filename, len(TrajectoryStore(stale / self.filename).finished()), changed, stale,
+            )  # fmt: skip
+        if earlier != settings or not record.is_file():
+            write_json_atomic(record, settings)
+
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         root = Path(trainer.default_root_dir)
+        if trainer.is_global_zero:
+            root.mkdir(parents=True, exist_ok=True)
+            self.check_settings(root, search_settings(pl_module, trainer.datamodule))
+        trainer.strategy.barrier()  # every rank reads the files only after rank 0 has checked them
         final = TrajectoryStore(root / self.filename)
         if trainer.world_size == 1:
             self.store = final
@@ -107,6 +173,10 @@ class DistillModule(UsesGenerationEngine, L.LightningModule):
             (the model chooses which; ``eagrl.llm.constrained``). For small policies that never name a variable
             on their own, so the search has alignment to select for. Off: free text, as in the paper.
         max_features: the most names a constrained ``<Important Features>`` lists (the expert's k by default).
+        constrain_answer: [ours] each path's ``<Final Answer>`` is a probability, ``0.d``, ``0.dd`` or ``1.0``, its
+            digits sampled from the model (``eagrl.llm.constrained``). For small policies whose free answers are
+            mostly not probabilities, so R_cls scores a prediction and SFT learns an answer the strict reward reads.
+            Off: free text, as in the paper.
         seed: base seed of the search.
     """
 
@@ -125,6 +195,7 @@ class DistillModule(UsesGenerationEngine, L.LightningModule):
         reuse_prompt_cache: bool = True,
         constrain_features: bool = False,
         max_features: PositiveInt = 5,
+        constrain_answer: bool = False,
         seed: int = 0,
     ):
         super().__init__()
@@ -159,6 +230,7 @@ class DistillModule(UsesGenerationEngine, L.LightningModule):
             self.hparams.reuse_prompt_cache,
             feature_names=names if self.hparams.constrain_features else None,
             max_features=self.hparams.max_features,
+            constrain_answer=self.hparams.constrain_answer,
         )  # its engine is set when predict starts (the module's device is known then)
         longest = max(self.sampling.subquestion.max_new_tokens + self.sampling.answer.max_new_tokens, self.sampling.final.max_new_tokens)
         limit = context_length(self.llm, self.backbone_options) - self.search_config.max_depth * longest

@@ -10,7 +10,8 @@ structure the strict reward reads (``eagrl.llm.parsing``) and ŷ is still only w
 ``<Final Answer>``. Each kind of call has its own sampling settings.
 
 [ours] With ``feature_names``, the important features are sampled among those names only
-(``eagrl.llm.constrained``): the model still chooses which, the expert's are never shown to it.
+(``eagrl.llm.constrained``): the model still chooses which, the expert's are never shown to it. With
+``constrain_answer``, the final answer is a probability (``0.d``, ``0.dd`` or ``1.0``) whose digits the model chooses.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
-from eagrl.llm.constrained import NameListConstraint
+from eagrl.llm.constrained import NameListConstraint, ProbabilityConstraint, probability_tokens
 from eagrl.llm.generation import Engine, PromptCache, SamplingOptions, generate, generate_continuations
 from eagrl.mcts.search import Step
 
@@ -82,7 +83,8 @@ class LLMPolicy:
     With ``reuse_prompt_cache`` (default), ``begin`` prefills the batch's patient prompts once and every
     call of the search continues that cache (``PromptCache``); otherwise each sequence is prefilled anew.
     ``feature_names``: sample the ``<Important Features>`` among these names only, at most ``max_features``
-    (None: free text).
+    (None: free text). ``constrain_answer``: the ``<Final Answer>`` is a probability (``0.d``, ``0.dd`` or ``1.0``)
+    sampled from the model's own distribution over those strings (off: free text).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class LLMPolicy:
         engine: Engine = Engine(),
         feature_names: Optional[Sequence[str]] = None,
         max_features: int = 5,
+        constrain_answer: bool = False,
     ):
         self.model, self.tokenizer, self.sampling, self.batch_size = model, tokenizer, sampling, batch_size
         self.reuse_prompt_cache, self.engine = reuse_prompt_cache, engine
@@ -102,6 +105,11 @@ class LLMPolicy:
         if feature_names is not None:  # built once now: bad settings fail here, not mid-search
             self.feature_tokens = NameListConstraint(tokenizer, feature_names, max_features).longest_list
             self.feature_constraint = lambda: NameListConstraint(tokenizer, feature_names, max_features)
+        self.answer_constraint = None
+        if constrain_answer:
+            table = probability_tokens(tokenizer)
+            ProbabilityConstraint(tokenizer, table)  # fails now if the tokenizer cannot write one
+            self.answer_constraint = lambda: ProbabilityConstraint(tokenizer, table)
         self.cache: PromptCache | None = None
 
     def begin(self, prompts: Sequence[str]) -> None:
@@ -143,7 +151,7 @@ class LLMPolicy:
         features = self._generate(owners, feature_tails, room, FEATURE_STOPS, self.feature_constraint)
         answer_tails = [t + f.text.rstrip() + "\n<Final Answer>" for t, f in zip(feature_tails, features)]
         short = replace(final, max_new_tokens=min(final.max_new_tokens, FINAL_ANSWER_TOKENS), min_new_tokens=0)
-        answers = self._generate(owners, answer_tails, short, FINAL_ANSWER_STOPS)
+        answers = self._generate(owners, answer_tails, short, FINAL_ANSWER_STOPS, self.answer_constraint)
         steps = [
             Step(
                 f"<Final subquestion> {q.text.strip()}\n<Important Features> {f.text.strip()}\n<Final Answer> {a.text.strip()}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from safetensors.torch import load_file
@@ -125,17 +126,29 @@ def test_sft_data_balances_and_falls_back_when_one_outcome_is_kept(tmp_path, tjh
 
 def test_constrained_features_name_only_dataset_variables(distilled, tmp_path, expert, session_cache, models):
     """constrain_features: the tiny random model's <Important Features> become lists of TJH's names (free, it names none),
-    so R_att can be > 0 and the search can select for it (with 73 names and a random model, none may match here)."""
+    so R_att can be > 0 and the search can select for it (with 73 names and a random model, none may match here).
+    constrain_answer: its <Final Answer> becomes a probability the strict reward reads (free, it writes none).
+    Run in a copy of the free run's directory: its trajectories were written under other settings, so they are moved
+    to stale-1/ and every patient is searched again, never mixed with the new ones."""
     from eagrl.data.features import DATASET_FEATURES
-    from eagrl.llm.parsing import FeatureMatcher
+    from eagrl.llm.parsing import FeatureMatcher, parse_probability
 
     free = [json.loads(line) for line in (distilled / "trajectories.jsonl").read_text().splitlines()]
     assert all(r["features"] == [] for r in free)
-    result = _distill(tmp_path, expert, session_cache, models, "--model.init_args.constrain_features", "true", "--model.init_args.max_features", "3")
+    assert all(parse_probability(r["trajectory"], strict=True) is None for r in free)
+    shutil.copytree(distilled, tmp_path, dirs_exist_ok=True)
+    result = _distill(
+        tmp_path, expert, session_cache, models, "--model.init_args.constrain_features", "true", "--model.init_args.max_features", "3",
+        "--model.init_args.constrain_answer", "true",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "searched under other settings" in result.stderr and "constrain_answer" in result.stderr
+    assert (tmp_path / "stale-1" / "trajectories.jsonl").read_text() == (distilled / "trajectories.jsonl").read_text()
     constrained = [json.loads(line) for line in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
+    assert len({r["id"] for r in constrained}) == len({r["id"] for r in free})  # every patient searched again
     matcher = FeatureMatcher([f.name for f in DATASET_FEATURES["tjh"]])
     for record in constrained:
         named, unknown = matcher.parse(record["trajectory"])  # TJH's pH name holds a comma: read whole
         assert 1 <= len(named) <= 3 and unknown == 0, record["trajectory"][-300:]
         assert record["features"] == named
+        assert parse_probability(record["trajectory"], strict=True) == record["y_hat"] is not None

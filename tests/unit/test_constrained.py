@@ -1,14 +1,15 @@
-"""Constrained ``<Important Features>`` (eagrl.llm.constrained): the model writes only lists of the dataset's names,
-its own distribution still chooses among them, and switching the constraint off gives free text again."""
+"""Constrained decoding of stage 1 (eagrl.llm.constrained): ``<Important Features>`` are only lists of the dataset's
+names and ``<Final Answer>`` only a probability; the model's own distribution still chooses, and switching a
+constraint off gives free text again."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from eagrl.llm.constrained import NameListConstraint
+from eagrl.llm.constrained import COMPLETE_PROBABILITIES, PROBABILITY_PREFIXES, NameListConstraint, ProbabilityConstraint, probability_tokens
 from eagrl.llm.generation import Engine, PromptCache, SamplingOptions, generate, generate_continuations
-from eagrl.llm.parsing import FeatureMatcher, section
+from eagrl.llm.parsing import FeatureMatcher, parse_probability, section
 from eagrl.llm.prompts import build_prompt
 from eagrl.mcts.policy import LLMPolicy, PolicySampling
 from eagrl.mcts.search import Step
@@ -77,3 +78,59 @@ def test_the_policy_flag_changes_what_the_search_writes(tokenizer, tiny):
         assert all(section(step.text, "Final Answer") is not None for step in steps)  # the scaffold is unchanged
     assert all(1 <= len(found) <= 2 and unknown == 0 for found, unknown in outputs[True])
     assert all(found == [] for found, _ in outputs[False])
+
+
+def test_the_allowed_tokens_follow_a_probability(tokenizer):
+    constraint = ProbabilityConstraint(tokenizer)
+    text = lambda tokens: "".join(constraint.tokens[t] for t in tokens)  # noqa: E731
+    starts = {text([t]) for t in constraint.allowed([])}
+    assert {"0", "1", " "} <= starts and constraint.eos not in constraint.allowed([])  # something must be written
+    assert starts <= PROBABILITY_PREFIXES
+    zero_point = _ids(tokenizer, "0.")
+    assert {text([t]) for t in constraint.allowed(zero_point)} <= set("0123456789")  # a digit, never the end yet
+    after_one = set(constraint.allowed(_ids(tokenizer, "0.7")))
+    assert constraint.eos in after_one and len(after_one) > 1  # complete: end, or one more digit
+    assert constraint.allowed(_ids(tokenizer, "0.75")) == [constraint.eos]  # two decimals: only the end
+    assert constraint.allowed(_ids(tokenizer, "1.0")) == [constraint.eos]
+    assert {text([t]) for t in constraint.allowed(_ids(tokenizer, "1."))} == {"0"}
+    assert constraint.allowed(_ids(tokenizer, "0.5") + [constraint.eos]) is None  # ended: the row is left alone
+    assert "1.5" not in COMPLETE_PROBABILITIES and "0.123" not in COMPLETE_PROBABILITIES
+
+
+def test_a_tokenizer_that_cannot_write_a_probability_fails_at_once(tokenizer):
+    with pytest.raises(ValueError, match="no token that starts a probability"):
+        ProbabilityConstraint(tokenizer, {7: "x"})
+
+
+def test_constrained_answers_are_probabilities_the_strict_reward_reads(tokenizer, tiny):
+    prompts = [build_prompt(tokenizer, f"The patient is aged {a} years.", "tjh", "mortality", "decomposition") for a in (30, 55, 81)]
+    tails = ["<Final Answer>"] * 3
+    options = SamplingOptions(max_new_tokens=12, do_sample=True, temperature=1.0)
+    cache = PromptCache(tiny, tokenizer, prompts, Engine())
+    table = probability_tokens(tokenizer)
+    torch.manual_seed(0)
+    constrained = generate_continuations(tiny, tokenizer, cache, prompts * 4, tails * 4, options, 6, None, lambda: ProbabilityConstraint(tokenizer, table))
+    for out in constrained:
+        assert out.text in COMPLETE_PROBABILITIES and out.finished, out.text
+        assert parse_probability("<Final Answer>" + out.text, strict=True) == float(out.text)
+    assert len({out.text for out in constrained}) > 1  # sampled from the model, not a fixed value
+    torch.manual_seed(0)
+    free = generate_continuations(tiny, tokenizer, cache, prompts * 4, tails * 4, options, 6)
+    assert all(parse_probability("<Final Answer>" + out.text, strict=True) is None for out in free)  # a random model writes none
+
+
+def test_the_answer_flag_changes_what_the_search_writes(tokenizer, tiny):
+    prompts = [build_prompt(tokenizer, "The patient is aged 70 years.", "tjh", "mortality", "decomposition")]
+    prefixes = [[Step("<Subquestion> Is the lactate high?\n<Answer> Yes.")]]
+    sampling = PolicySampling(final=SamplingOptions(max_new_tokens=16, do_sample=True, temperature=1.0))
+    answers = {}
+    for constrained in (False, True):
+        policy = LLMPolicy(tiny, tokenizer, sampling, batch_size=4, constrain_answer=constrained)
+        policy.begin(prompts)
+        torch.manual_seed(1)
+        (steps,) = policy.propose_finals(prompts, prefixes, n=4)
+        policy.end()
+        answers[constrained] = [parse_probability(step.text, strict=True) for step in steps]
+        assert all(section(step.text, "Important Features") is not None for step in steps)  # the scaffold is unchanged
+    assert all(value is not None for value in answers[True])
+    assert all(value is None for value in answers[False])
