@@ -227,7 +227,11 @@ def answer_profile(run: Path) -> Optional[dict[str, Any]]:
     """What an LLM run wrote on its test patients, as counts only (no text, no id): how many distinct ŷ it gave, the
     share of its parsed ŷ at or above 0.5, the share of answers that name one of the expert's top-k features, the
     features it named most often and those the expert ranked most often (each with the share of answers), and the
-    median number of generated tokens with the share of answers cut off at the token limit."""
+    median number of generated tokens with the share of answers cut off at the token limit. And who answered: the
+    share of the patients with and without the outcome whose answer was read (a parsed ŷ), and the AUROC over those
+    answered alone (None unless both outcomes answered). Every unread answer is scored 0.5 in the main table, so a
+    model that answers more often for one outcome gets an AUROC away from 0.5 from its answering alone; these say
+    whether it did."""
     path = run / "generations.jsonl"
     if not path.is_file():
         return None
@@ -242,6 +246,20 @@ def answer_profile(run: Path) -> Optional[dict[str, Any]]:
     parsed = [float(r["y_hat"]) for r in rows if r.get("y_hat") is not None]
     named = [[f if isinstance(f, str) else f[0] for f in r.get("features") or []] for r in rows]
     tokens = sorted(int(r["new_tokens"]) for r in rows if r.get("new_tokens") is not None)
+    answered = [r for r in rows if r.get("y_hat") is not None]
+
+    def share_answered(outcome: int) -> Optional[float]:
+        group = [r for r in rows if int(r["label"]) == outcome]
+        return sum(r.get("y_hat") is not None for r in group) / len(group) if group else None
+
+    auroc_answered = None
+    if len({int(r["label"]) for r in answered}) == 2:
+        import torch
+
+        from eagrl.evaluation.metrics import binary_metrics
+
+        probs = torch.tensor([float(r["y_hat"]) for r in answered])
+        auroc_answered = binary_metrics(probs, torch.tensor([int(r["label"]) for r in answered]))["auroc"]
     return {
         "patients": len(rows),
         "distinct_yhat": len({round(y, 6) for y in parsed}),
@@ -251,6 +269,10 @@ def answer_profile(run: Path) -> Optional[dict[str, Any]]:
         "expert_most_ranked": most_common([list(r.get("expert_top_k") or []) for r in rows]),
         "median_new_tokens": tokens[len(tokens) // 2] if tokens else None,
         "share_cut_off": sum(r.get("finished") is False for r in rows) / len(rows),
+        "answered": len(answered),
+        "answered_with_outcome": share_answered(1),
+        "answered_without_outcome": share_answered(0),
+        "auroc_answered": auroc_answered,
     }
 
 
@@ -688,15 +710,22 @@ def _answers_markdown(answers: dict[str, dict[str, Optional[dict[str, Any]]]]) -
             lines += ["## What the LLM rows write", "",
                       "Counts over the test patients' answers, no text: distinct ŷ values, the share of parsed ŷ ≥ 0.5, the share "
                       "of answers naming at least one of the expert's top-k features, the features named most often (share of "
-                      "answers), the median number of generated tokens and the share cut off at the token limit.", ""]  # fmt: skip
+                      "answers), the median number of generated tokens and the share cut off at the token limit. Who "
+                      "answered: the share of the patients with and without the outcome whose answer was read, and the AUROC "
+                      "(x100) over the answered patients alone. The main table scores an unread answer 0.5, so a model that "
+                      "answers one outcome more often than the other moves its AUROC away from 50 by answering alone.", ""]  # fmt: skip
         expert = next(iter(found.values()))["expert_most_ranked"]
         lines += [f"**{title}.** The expert's most often top-ranked features: {named(expert)}.", "",
-                  "| method | n | distinct ŷ | ŷ ≥ 0.5 | names an expert feature | most named | median tokens | cut off |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| method | n | distinct ŷ | ŷ ≥ 0.5 | names an expert feature | most named | median tokens | cut off | "
+                  "answered: with outcome / without | AUROC on answered (n) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row, p in found.items():
+            auroc = p.get("auroc_answered")
+            on_answered = "—" if auroc is None else f"{100 * auroc:.1f} ({p['answered']})"
             lines.append(f"| {row} | {p['patients']} | {p['distinct_yhat']} | {share(p['share_yhat_positive'])} | "
                          f"{share(p['share_naming_expert'])} | {named(p['most_named'])} | {p['median_new_tokens'] or '—'} | "
-                         f"{share(p['share_cut_off'])} |")  # fmt: skip
+                         f"{share(p['share_cut_off'])} | {share(p.get('answered_with_outcome'))} / "
+                         f"{share(p.get('answered_without_outcome'))} | {on_answered} |")  # fmt: skip
         lines.append("")
     return lines
 

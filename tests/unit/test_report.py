@@ -264,11 +264,20 @@ def test_what_the_llm_rows_write_is_counted_from_their_answers(tmp_path):
     assert profile["most_named"] == [["Sodium", 0.75], ["Lactate", 0.25]]  # a name counts once per answer
     assert profile["expert_most_ranked"][:2] == [["Albumin", 0.75], ["Lactate", 0.75]]
     assert profile["median_new_tokens"] == 96 and profile["share_cut_off"] == pytest.approx(0.5)
+    assert profile["answered"] == 3 and profile["answered_with_outcome"] == 1.0 and profile["answered_without_outcome"] == 0.5
+    assert profile["auroc_answered"] == 1.0  # p0, p2 (0.8, died) above p1 (0.2, survived); p3 (unread) left out
     build(tmp_path / "runs", tmp_path / "results")
     text = (tmp_path / "results" / "results.md").read_text()
     assert "## What the LLM rows write" in text
-    assert "| EAG-RL | 4 | 2 | 67% | 50% | Sodium (75%), Lactate (25%) | 96 | 50% |" in text
+    assert "| EAG-RL | 4 | 2 | 67% | 50% | Sodium (75%), Lactate (25%) | 96 | 50% | 100% / 50% | 100.0 (3) |" in text
     assert "p0" not in text and "p1" not in text
+
+    rows[0]["y_hat"], rows[2]["y_hat"] = 0.1, 0.1  # the deaths now answered below the survivor: the AUROC over answers flips
+    (run / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert answer_profile(run)["auroc_answered"] == 0.0
+    rows[1]["y_hat"] = None  # only deaths answered: no AUROC over answers
+    (run / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert answer_profile(run)["auroc_answered"] is None and answer_profile(run)["answered_without_outcome"] == 0.0
 
 
 def test_cells_whose_runs_are_absent_are_carried_from_an_earlier_report(tmp_path):
