@@ -36,7 +36,31 @@ class _Node:
     terminal: bool = False
 
 
-class NameListConstraint:
+class _Mask:
+    """A ``LogitsProcessor`` for one ``generate`` call that keeps, per row, the scores of ``allowed(written)`` only
+    (its state is the prompt length seen on the first call); a row whose ``allowed`` is None is left alone."""
+
+    start: int | None = None
+
+    def allowed(self, new: Sequence[int]) -> list[int] | None:
+        raise NotImplementedError
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # input_ids: [B, prompt + written]; scores: [B, V]
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        masked = torch.full_like(scores, float("-inf"))
+        for row in range(input_ids.shape[0]):
+            allowed = self.allowed(input_ids[row, self.start :].tolist())
+            if allowed is None:
+                masked[row] = scores[row]
+            else:
+                index = torch.tensor(allowed, device=scores.device)
+                masked[row, index] = scores[row, index]
+        return masked
+
+
+class NameListConstraint(_Mask):
     """A ``LogitsProcessor`` for one ``generate`` call (its state is the prompt length seen on the first call).
 
     Args:
@@ -85,20 +109,6 @@ class NameListConstraint:
                 allowed.append(self.comma)
         return allowed
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        # input_ids: [B, prompt + written]; scores: [B, V]
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        masked = torch.full_like(scores, float("-inf"))
-        for row in range(input_ids.shape[0]):
-            allowed = self.allowed(input_ids[row, self.start :].tolist())
-            if allowed is None:
-                masked[row] = scores[row]
-            else:
-                index = torch.tensor(allowed, device=scores.device)
-                masked[row, index] = scores[row, index]
-        return masked
-
 
 def _probability_strings() -> tuple[frozenset[str], frozenset[str]]:
     """(every complete answer, every prefix of one): ``0.d``, ``0.dd``, ``1.0``, each also after one space."""
@@ -119,7 +129,7 @@ def probability_tokens(tokenizer) -> dict[int, str]:
     return {token: text for token, text in enumerate(texts) if text and len(text) <= 5 and set(text) <= set(" 0123456789.")}
 
 
-class ProbabilityConstraint:
+class ProbabilityConstraint(_Mask):
     """A ``LogitsProcessor`` for one ``generate`` call: each row writes one of ``COMPLETE_PROBABILITIES`` and ends.
 
     Args:
@@ -153,17 +163,3 @@ class ProbabilityConstraint:
         if text in COMPLETE_PROBABILITIES:
             allowed.append(self.eos)
         return allowed
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        # input_ids: [B, prompt + written]; scores: [B, V]
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        masked = torch.full_like(scores, float("-inf"))
-        for row in range(input_ids.shape[0]):
-            allowed = self.allowed(input_ids[row, self.start :].tolist())
-            if allowed is None:
-                masked[row] = scores[row]
-            else:
-                index = torch.tensor(allowed, device=scores.device)
-                masked[row, index] = scores[row, index]
-        return masked
