@@ -114,7 +114,7 @@ class TrajectoryWriter(BasePredictionWriter):
                 "%s: %d patient(s) were searched under other settings (%s); those files are moved to %s and the search starts again",
                 root / self.filename, len(TrajectoryStore(stale / self.filename).finished()), changed, stale,
             )  # fmt: skip
-        if earlier != settings or not record.is_file():
+        if earlier != settings:  # also when no record was written (earlier is None)
             write_json_atomic(record, settings)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

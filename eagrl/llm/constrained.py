@@ -88,7 +88,6 @@ class NameListConstraint(_Mask):
         self.end = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
         self.max_names = max_names
-        self.start: int | None = None
 
     def allowed(self, new: Sequence[int]) -> list[int] | None:
         """The tokens allowed after ``new`` (the tokens written so far); None once the list has ended."""
@@ -141,7 +140,6 @@ class ProbabilityConstraint(_Mask):
         self.tokens = probability_tokens(tokenizer) if tokens is None else tokens
         self.end = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-        self.start: int | None = None
         if not self.allowed([]):
             raise ValueError("ProbabilityConstraint: the tokenizer has no token that starts a probability")
 
