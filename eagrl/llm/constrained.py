@@ -12,7 +12,9 @@ rewards the paths whose names agree with the expert, as the paper's stage 1 does
 
 Each name is tokenised as ``" " + name`` (its canonical tokens); the allowed tokens are held in a trie. After a
 complete name the model may write ``","`` (another name follows) or end the step (end-of-text); after
-``max_names`` names only the end.
+``max_names`` names only the end. A name is written at most once per list: the 2026-12-06 synthetic stage 1 wrote
+lists such as "Respiratory rate, ..., Respiratory rate", and the SFT and RL policies trained on them looped in the
+feature list at test time.
 
 [ours] ``ProbabilityConstraint`` does the same for the ``<Final Answer>`` step: only ``0.d``, ``0.dd`` or ``1.0``
 (after an optional space), the digits chosen by the model's own distribution. Free, most of SmolLM2-135M's stage-1
@@ -34,6 +36,8 @@ import torch
 class _Node:
     children: dict[int, "_Node"] = field(default_factory=dict)
     terminal: bool = False
+    number: int = -1  # the name that ends here (terminal nodes)
+    names: set[int] = field(default_factory=set)  # the names that end at or below this node
 
 
 class _Mask:
@@ -76,35 +80,39 @@ class NameListConstraint(_Mask):
             raise ValueError(f"NameListConstraint: max_names must be >= 1, got {max_names}")
         self.root = _Node()
         longest = 0
-        for name in names:
+        for number, name in enumerate(dict.fromkeys(names)):
             node = self.root
+            node.names.add(number)
             tokens = tokenizer(" " + name, add_special_tokens=False)["input_ids"]
             longest = max(longest, len(tokens))
             for token in tokens:
                 node = node.children.setdefault(token, _Node())
-            node.terminal = True
+                node.names.add(number)
+            node.terminal, node.number = True, number
         self.longest_list = max_names * (longest + 1)  # tokens of the longest allowed list and its end
         (self.comma,) = tokenizer(",", add_special_tokens=False)["input_ids"][:1]
         self.end = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-        self.max_names = max_names
+        self.max_names = min(max_names, len(self.root.names))
 
     def allowed(self, new: Sequence[int]) -> list[int] | None:
         """The tokens allowed after ``new`` (the tokens written so far); None once the list has ended."""
-        node, count = self.root, 0
+        node, written = self.root, set()
         for token in new:
             if token in self.end:
                 return None
             if token == self.comma and node.terminal and node is not self.root:
-                node, count = self.root, count + 1
+                written.add(node.number)
+                node = self.root
                 continue
             node = node.children.get(token)
             if node is None:  # cannot happen under the mask; leave such a row alone
                 return None
-        allowed = list(node.children)
-        if node.terminal:
+        # no name twice: only children that lead to a name not yet written, and no end after a written one
+        allowed = [token for token, child in node.children.items() if child.names - written]
+        if node.terminal and node.number not in written:
             allowed.append(self.eos)
-            if count + 1 < self.max_names:
+            if len(written) + 1 < self.max_names:
                 allowed.append(self.comma)
         return allowed
 

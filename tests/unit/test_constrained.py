@@ -35,6 +35,29 @@ def test_the_allowed_tokens_follow_a_list_of_names(tokenizer):
     assert constraint.allowed(second + [constraint.eos]) is None  # ended: the row is left alone
 
 
+def test_a_name_is_written_at_most_once(tokenizer):
+    constraint = NameListConstraint(tokenizer, NAMES, max_names=5)
+    lactate = _ids(tokenizer, " Lactate")
+    after = lactate + [constraint.comma]
+    assert lactate[0] not in constraint.allowed(after)  # Lactate is used up
+    assert _ids(tokenizer, " Age")[0] in constraint.allowed(after)
+    albumin = _ids(tokenizer, " Albumin")
+    again = albumin + [constraint.comma] + albumin
+    allowed = set(constraint.allowed(again))
+    assert allowed and not allowed & {constraint.comma, constraint.eos}  # "Albumin" again only as the longer name
+    assert constraint.allowed(albumin)  # before it was written, it may end there
+    assert {constraint.comma, constraint.eos} <= set(constraint.allowed(albumin))
+    # every name once, then only the end: a list of all six names is the longest one with max_names=6
+    every = NameListConstraint(tokenizer, NAMES, max_names=10)
+    assert every.max_names == len(NAMES)
+    written: list[int] = []
+    for name in NAMES[:-1]:
+        written += _ids(tokenizer, " " + name) + [every.comma]
+    last = _ids(tokenizer, " " + NAMES[-1])
+    assert set(every.allowed(written)) == {last[0]}
+    assert every.allowed(written + last) == [every.eos]
+
+
 def test_bad_settings_fail_at_once(tokenizer):
     with pytest.raises(ValueError, match="no names"):
         NameListConstraint(tokenizer, [], 3)
@@ -55,6 +78,7 @@ def test_constrained_sampling_writes_only_names_and_unconstrained_does_not(token
     for out in constrained:
         written = [part.strip() for part in out.text.split(",")]
         assert 1 <= len(written) <= 3 and all(name in NAMES for name in written), out.text
+        assert len(set(written)) == len(written), out.text  # no name twice
         assert out.finished  # ended by itself, before max_new_tokens
     assert len({out.text for out in constrained}) > 1  # sampled, not a fixed list
     torch.manual_seed(0)
