@@ -35,9 +35,12 @@ import torch
 @dataclass
 class _Node:
     children: dict[int, "_Node"] = field(default_factory=dict)
-    terminal: bool = False
-    number: int = -1  # the name that ends here (terminal nodes)
+    number: int | None = None  # the name that ends here (None: no name does)
     names: set[int] = field(default_factory=set)  # the names that end at or below this node
+
+    @property
+    def terminal(self) -> bool:
+        return self.number is not None
 
 
 class _Mask:
@@ -88,12 +91,12 @@ class NameListConstraint(_Mask):
             for token in tokens:
                 node = node.children.setdefault(token, _Node())
                 node.names.add(number)
-            node.terminal, node.number = True, number
-        self.longest_list = max_names * (longest + 1)  # tokens of the longest allowed list and its end
+            node.number = number
+        self.max_names = min(max_names, len(self.root.names))  # no name twice: never more than there are
+        self.longest_list = self.max_names * (longest + 1)  # tokens of the longest allowed list and its end
         (self.comma,) = tokenizer(",", add_special_tokens=False)["input_ids"][:1]
         self.end = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-        self.max_names = min(max_names, len(self.root.names))
 
     def allowed(self, new: Sequence[int]) -> list[int] | None:
         """The tokens allowed after ``new`` (the tokens written so far); None once the list has ended."""
