@@ -121,6 +121,14 @@ class NormalBounds:
     strict_low: bool = False
     strict_high: bool = False
 
+    def inside(self) -> float:
+        """One value within the range: its middle, or next to a one-sided range's bound."""
+        if np.isfinite(self.low) and np.isfinite(self.high):
+            return (self.low + self.high) / 2
+        if np.isfinite(self.high):
+            return float(np.nextafter(self.high, -np.inf))
+        return float(np.nextafter(self.low, np.inf))
+
     def flag(self, value: float) -> str:
         """``"H"``, ``"L"`` or ``""`` (within the range)."""
         if value < self.low or (self.strict_low and value == self.low):
@@ -193,6 +201,32 @@ def _paper_lines(values: np.ndarray, features: tuple[FeatureSpec, ...], order: l
     return lines
 
 
+def shown_flags(series: np.ndarray, bounds: NormalBounds | None) -> list[str]:
+    """Compact style: the H/L flag of each measured value [n] as the text writes it ([] where no range applies). A
+    feature with a range and no flag is named "within the normal range", its values not written."""
+    return [bounds.flag(float(format_value(float(v)))) for v in series] if bounds is not None else []
+
+
+def shown_values(values: np.ndarray, features: tuple[FeatureSpec, ...], style: TextStyle = "paper") -> np.ndarray:
+    """What the text of one sample tells of each feature, as a number to rank patients by. values: [T, F] raw with NaN
+    (the visits shown) -> [F]: the last measured value (NaN: never measured); the demographics as the header gives
+    them. ``compact``: a feature within its normal range at every measurement is written as "normal" without its value,
+    so it gets one shared value inside the range (``NormalBounds.inside``), between the text's L and H values."""
+    names = [f.name for f in features]
+    sex = float(values[0, names.index("Sex")])
+    out = np.full(len(features), np.nan)
+    for j, spec in enumerate(features):
+        series = values[:, j][~np.isnan(values[:, j])]  # [n measured]
+        if series.size == 0:
+            continue
+        bounds = normal_bounds(spec.normal_range, sex) if style == "compact" and not spec.demographic else None
+        if bounds is not None and not any(shown_flags(series, bounds)):
+            out[j] = bounds.inside()
+        else:
+            out[j] = series[-1]
+    return out
+
+
 def _compact_lines(values: np.ndarray, features: tuple[FeatureSpec, ...], order: list[int], sex: float) -> list[str]:
     """values: [T, F] raw with NaN; ``order``: the dynamic feature columns in display order."""
     lines = ["Per measured feature: last value (H/L: above/below normal range); min-max over the visits, trend:"]
@@ -204,7 +238,7 @@ def _compact_lines(values: np.ndarray, features: tuple[FeatureSpec, ...], order:
             unmeasured.append(spec.name)
             continue
         bounds = normal_bounds(spec.normal_range, sex)
-        flags = [bounds.flag(float(format_value(float(v)))) for v in series] if bounds is not None else []  # as shown
+        flags = shown_flags(series, bounds)
         if bounds is not None and not any(flags):
             normal.append(spec.name)
             continue

@@ -36,10 +36,12 @@ def binary_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold: float =
     }
 
 
-def _ranking(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """AUROC and AUPRC (average precision) of one resample with both outcomes, in numpy: the paired
+def ranking(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """AUROC and AUPRC (average precision) of scores [N] for labels [N] holding both outcomes, in numpy: the paired
     bootstrap's inner loop (thousands of calls). Equal to torchmetrics' ``binary_auroc`` and
-    ``binary_average_precision`` (tests/unit/test_evaluation_stats.py), ties included."""
+    ``binary_average_precision`` on probabilities (tests/unit/test_evaluation_stats.py), ties included. Any score
+    works (a lab value): only the order counts, where torchmetrics passes scores outside [0, 1] through a sigmoid,
+    which ties every score above ~37 (float64)."""
     p, y = probs.numpy().astype(np.float64), labels.numpy().astype(bool)
     order = np.argsort(-p, kind="mergesort")
     p, y = p[order], y[order]
@@ -108,10 +110,10 @@ def paired_difference(
     labels = labels.detach().flatten().long().cpu()
     if not probs_a.numel() == probs_b.numel() == labels.numel():
         raise ValueError(f"paired_difference needs one prediction per patient from each method: {probs_a.numel()}, {probs_b.numel()}, {labels.numel()}")
-    whole_a, whole_b = _ranking(probs_a, labels), _ranking(probs_b, labels)
+    whole_a, whole_b = ranking(probs_a, labels), ranking(probs_b, labels)
     deltas = {m: [] for m in ("auroc", "auprc")}
     for index in resamples(labels, n_bootstrap, seed):
-        a, b = _ranking(probs_a[index], labels[index]), _ranking(probs_b[index], labels[index])
+        a, b = ranking(probs_a[index], labels[index]), ranking(probs_b[index], labels[index])
         for m in deltas:
             deltas[m].append(a[m] - b[m])
     out: dict[str, float] = {}
