@@ -12,7 +12,8 @@ text gives it (at least ``min_patients``):
 - ``auroc_outcome``: AUROC of the feature for the outcome over the same patients.
 
 The feature is what the text showed (``eagrl.data.text.shown_values``): its last value within the visits the prompt
-showed (``visits_shown`` of ``generations.jsonl``); in the compact style a feature normal at every measurement is
+showed (``visits_shown`` of ``generations.jsonl``; ŷ as saved, or ``--reading strict``: only what the reward path reads, no
+bare number above 1 taken as a percentage); in the compact style a feature normal at every measurement is
 written as "normal", so those patients share one value inside the range. The visit's day of stay (in the text's
 header) is one more row. One feature at a time: a feature that follows a marker ranks high too. The cohort is read
 again as the run's ``config.yaml`` describes it (dataset, data folder, observation window, feature subset), with the
@@ -122,10 +123,16 @@ def cohort_of(run: Path) -> tuple[RawCohort, dict[str, Any]]:
     return raw, data
 
 
-def _records(run: Path) -> list[dict[str, Any]]:
+def _records(run: Path, reading: Optional[str] = None) -> list[dict[str, Any]]:
+    """The run's answers; ``reading`` (a key of ``readings.READINGS``): ŷ read again from each completion that way
+    (None: the ``y_hat`` the evaluation saved)."""
+    from eagrl.evaluation.readings import READINGS
+    from eagrl.llm.parsing import parse_probability
+
     path = run / "generations.jsonl"
     if not path.is_file():
         raise EAGRLInputError(f"{path}: no such file (a prompting, SFT or RL run's test answers)")
+    fields = "'id', 'label', 'y_hat', 'visits_shown'" + (" and 'completion'" if reading else "")
     records = []
     for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -133,17 +140,20 @@ def _records(run: Path) -> list[dict[str, Any]]:
         try:
             r = json.loads(line)
             y = None if r["y_hat"] is None else float(r["y_hat"])
+            if reading is not None:
+                y = parse_probability(str(r["completion"]), **READINGS[reading])
             records.append({"id": str(r["id"]), "label": int(r["label"]), "y_hat": y, "visits": int(r["visits_shown"])})
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise EAGRLInputError(f"{path} line {k}: expected a JSON object with 'id', 'label', 'y_hat' and 'visits_shown' ({type(err).__name__})") from None
+            raise EAGRLInputError(f"{path} line {k}: expected a JSON object with {fields} ({type(err).__name__})") from None
     if not records:
         raise EAGRLInputError(f"{path}: no answers")
     return records
 
 
-def run_drivers(run: Path, min_patients: int = 30) -> dict[str, Any]:
-    """{"patients", "answered", "likely", "features": answer_drivers(...)} for a run's ``generations.jsonl``."""
-    records = _records(run)
+def run_drivers(run: Path, min_patients: int = 30, reading: Optional[str] = None) -> dict[str, Any]:
+    """{"patients", "answered", "likely", "features": answer_drivers(...)} for a run's ``generations.jsonl`` (``reading``:
+    see ``_records``)."""
+    records = _records(run, reading)
     raw, data = cohort_of(run)
     index = {str(s): i for i, s in enumerate(raw.sample_ids)}
     labels = raw.labels[data.get("task", "mortality")]
@@ -158,6 +168,7 @@ def run_drivers(run: Path, min_patients: int = 30) -> dict[str, Any]:
         "answered": sum(_answered(y) for y in y_hat),
         "likely": sum(_answered(y) and y >= 0.5 for y in y_hat),
         "text_style": style,
+        "reading": reading or "saved",
         "features": answer_drivers(shown, [*raw.feature_names, DAY], y_hat, [r["label"] for r in records], min_patients),
     }
 
@@ -167,15 +178,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("run", type=Path, help="a run directory with generations.jsonl and config.yaml")
     parser.add_argument("--top", type=int, default=10, help="features to print (default 10)")
     parser.add_argument("--min-patients", type=int, default=30, help=f"leave out features shown to fewer answered patients (default 30, at least {MIN_PATIENTS})")
+    parser.add_argument("--reading", choices=["final_answer", "anywhere", "strict"], help="read ŷ again from the completions this way (default: the saved ŷ)")
     parser.add_argument("--json", type=Path, help="also write the whole result here")
     args = parser.parse_args(argv)
     if args.min_patients < MIN_PATIENTS:
         parser.error(f"--min-patients must be at least {MIN_PATIENTS}")
     try:
-        out = run_drivers(args.run, args.min_patients)
+        out = run_drivers(args.run, args.min_patients, args.reading)
     except EAGRLInputError as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"{args.run}: {out['answered']} of {out['patients']} patients answered, {out['likely']} with ŷ >= 0.5 ({out['text_style']} text)")
+    print(f"{args.run}: {out['answered']} of {out['patients']} patients answered, {out['likely']} with ŷ >= 0.5 ({out['text_style']} text, ŷ {out['reading']})")
     if not out["features"]:
         why = "every answer is on one side of 0.5" if out["likely"] in (0, out["answered"]) else f"no feature is shown to {args.min_patients} answered patients"
         print(f"nothing to rank: {why}")

@@ -111,6 +111,22 @@ def test_the_command_reads_the_runs_cohort_and_finds_the_feature_the_answers_fol
     assert {row["feature"] for row in json.loads((tmp_path / "subset.json").read_text())["features"]} <= {"Sex", "Age", "Lactate", DAY}
 
 
+def test_the_strict_reading_drops_bare_numbers_read_as_percentages(tmp_path, capsys):
+    """``--reading strict`` reads ŷ again from each completion as the reward path does: an echoed "80" (an age, say)
+    that the evaluation's reading took as 80% is no answer, so the answers that said it leave the ranking."""
+    run, records = _fake_run(tmp_path, "", "Sodium")
+    for r in records:
+        r["completion"] = "<Final Answer> 80" if r["y_hat"] >= 0.5 else "<Final Answer> 0.2"
+    (run / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    main([str(run), "--json", str(tmp_path / "saved.json")])
+    main([str(run), "--reading", "strict", "--json", str(tmp_path / "strict.json")])
+    saved, strict = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("saved", "strict"))
+    likely = sum(r["y_hat"] >= 0.5 for r in records)
+    assert (saved["answered"], saved["likely"], saved["features"][0]["feature"]) == (len(records), likely, "Sodium")
+    assert (strict["answered"], strict["likely"], strict["features"], strict["reading"]) == (len(records) - likely, 0, [], "strict")
+    assert "nothing to rank: every answer is on one side of 0.5" in capsys.readouterr().out
+
+
 def test_the_command_refuses_another_cohort_and_bad_input(tmp_path):
     run, _ = _fake_run(tmp_path, "", "Sodium", cohort_seed=4)  # answers of another cohort than the config's
     with pytest.raises(SystemExit, match="answers carry another label than the cohort read from config.yaml"):
@@ -119,5 +135,5 @@ def test_the_command_refuses_another_cohort_and_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="expected tjh, synthetic or mimic_iv"):
         main([str(run)])
     (run / "generations.jsonl").write_text('{"id": "a", "label": 1}\n')
-    with pytest.raises(SystemExit, match="line 1: expected a JSON object with 'id', 'label', 'y_hat' and 'visits_shown'"):
+    with pytest.raises(SystemExit, match="line 1: expected a JSON object with 'id', 'label', 'y_hat', 'visits_shown'"):
         main([str(run)])
