@@ -24,7 +24,6 @@ patient's value or id is printed or written.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -126,28 +125,16 @@ def cohort_of(run: Path) -> tuple[RawCohort, dict[str, Any]]:
 def _records(run: Path, reading: Optional[str] = None) -> list[dict[str, Any]]:
     """The run's answers; ``reading`` (a key of ``readings.READINGS``): ŷ read again from each completion that way
     (None: the ``y_hat`` the evaluation saved)."""
-    from eagrl.evaluation.readings import READINGS
+    from eagrl.evaluation.readings import READINGS, run_answers
     from eagrl.llm.parsing import parse_probability
 
-    path = run / "generations.jsonl"
-    if not path.is_file():
-        raise EAGRLInputError(f"{path}: no such file (a prompting, SFT or RL run's test answers)")
-    fields = "'id', 'label', 'y_hat', 'visits_shown'" + (" and 'completion'" if reading else "")
-    records = []
-    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            y = None if r["y_hat"] is None else float(r["y_hat"])
-            if reading is not None:
-                y = parse_probability(str(r["completion"]), **READINGS[reading])
-            records.append({"id": str(r["id"]), "label": int(r["label"]), "y_hat": y, "visits": int(r["visits_shown"])})
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise EAGRLInputError(f"{path} line {k}: expected a JSON object with {fields} ({type(err).__name__})") from None
-    if not records:
-        raise EAGRLInputError(f"{path}: no answers")
-    return records
+    def read(r: dict[str, Any]) -> dict[str, Any]:
+        y = None if r["y_hat"] is None else float(r["y_hat"])
+        if reading is not None:
+            y = parse_probability(str(r["completion"]), **READINGS[reading])
+        return {"id": str(r["id"]), "label": int(r["label"]), "y_hat": y, "visits": int(r["visits_shown"])}
+
+    return run_answers(run, read, "'id', 'label', 'y_hat', 'visits_shown'" + (" and 'completion'" if reading else ""))
 
 
 def run_drivers(run: Path, min_patients: int = 30, reading: Optional[str] = None) -> dict[str, Any]:

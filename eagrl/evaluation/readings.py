@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -61,7 +61,9 @@ def read_each_way(completions: list[str], labels: list[int], unparsed: float = 0
     return out
 
 
-def _records(run: Path) -> list[dict[str, Any]]:
+def run_answers(run: Path, read: Callable[[dict[str, Any]], dict[str, Any]], fields: str) -> list[dict[str, Any]]:
+    """Each answer of a run's ``generations.jsonl`` through ``read`` (a JSON object -> the record kept); a line that is
+    not JSON or lacks a field raises naming its number and ``fields`` (what a line should hold)."""
     path = run / "generations.jsonl"
     if not path.is_file():
         raise EAGRLInputError(f"{path}: no such file (a prompting, SFT or RL run's test answers)")
@@ -70,13 +72,16 @@ def _records(run: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            records.append({"completion": str(record["completion"]), "label": int(record["label"])})
+            records.append(read(json.loads(line)))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise EAGRLInputError(f"{path} line {k}: expected a JSON object with 'completion' and 'label' ({type(err).__name__}: {err})") from None
+            raise EAGRLInputError(f"{path} line {k}: expected a JSON object with {fields} ({type(err).__name__}: {err})") from None
     if not records:
         raise EAGRLInputError(f"{path}: no answers")
     return records
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    return run_answers(run, lambda r: {"completion": str(r["completion"]), "label": int(r["label"])}, "'completion' and 'label'")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
