@@ -35,9 +35,11 @@ from eagrl.data.cohort import RawCohort
 from eagrl.data.text import TextStyle, shown_values
 from eagrl.errors import EAGRLInputError
 from eagrl.evaluation.metrics import ranking
+from eagrl.evaluation.readings import READINGS, run_answers
 
 DAY = "day of stay (last visit shown)"
-MIN_PATIENTS = 10  # the fewest answered patients a feature is ranked over
+MIN_PATIENTS = 10  # the fewest answered patients a feature may be ranked over
+DEFAULT_MIN_PATIENTS = 30  # ... and the default
 
 
 def _auroc(scores: np.ndarray, targets: np.ndarray) -> Optional[float]:
@@ -52,7 +54,7 @@ def _answered(y: Optional[float]) -> bool:
 
 
 def answer_drivers(
-    shown: np.ndarray, names: Sequence[str], y_hat: Sequence[Optional[float]], labels: Sequence[int], min_patients: int = 30
+    shown: np.ndarray, names: Sequence[str], y_hat: Sequence[Optional[float]], labels: Sequence[int], min_patients: int = DEFAULT_MIN_PATIENTS
 ) -> list[dict[str, Any]]:
     """Per feature, the AUROC of its shown value for ŷ ≥ 0.5 and for the outcome, over the answered patients that
     have it; sorted by how far ``auroc_yhat`` is from 0.5. shown: [N, F] (NaN: not shown); names: F; y_hat, labels: N
@@ -125,7 +127,6 @@ def cohort_of(run: Path) -> tuple[RawCohort, dict[str, Any]]:
 def _records(run: Path, reading: Optional[str] = None) -> list[dict[str, Any]]:
     """The run's answers; ``reading`` (a key of ``readings.READINGS``): ŷ read again from each completion that way
     (None: the ``y_hat`` the evaluation saved)."""
-    from eagrl.evaluation.readings import READINGS, run_answers
     from eagrl.llm.parsing import parse_probability
 
     def read(r: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +138,7 @@ def _records(run: Path, reading: Optional[str] = None) -> list[dict[str, Any]]:
     return run_answers(run, read, "'id', 'label', 'y_hat', 'visits_shown'" + (" and 'completion'" if reading else ""))
 
 
-def run_drivers(run: Path, min_patients: int = 30, reading: Optional[str] = None) -> dict[str, Any]:
+def run_drivers(run: Path, min_patients: int = DEFAULT_MIN_PATIENTS, reading: Optional[str] = None) -> dict[str, Any]:
     """{"patients", "answered", "likely", "features": answer_drivers(...)} for a run's ``generations.jsonl`` (``reading``:
     see ``_records``)."""
     records = _records(run, reading)
@@ -164,8 +165,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eagrl.evaluation.drivers", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a run directory with generations.jsonl and config.yaml")
     parser.add_argument("--top", type=int, default=10, help="features to print (default 10)")
-    parser.add_argument("--min-patients", type=int, default=30, help=f"leave out features shown to fewer answered patients (default 30, at least {MIN_PATIENTS})")
-    parser.add_argument("--reading", choices=["final_answer", "anywhere", "strict"], help="read ŷ again from the completions this way (default: the saved ŷ)")
+    parser.add_argument(
+        "--min-patients", type=int, default=DEFAULT_MIN_PATIENTS,
+        help=f"leave out features shown to fewer answered patients (default {DEFAULT_MIN_PATIENTS}, at least {MIN_PATIENTS})",
+    )  # fmt: skip
+    parser.add_argument("--reading", choices=list(READINGS), help="read ŷ again from the completions this way (default: the saved ŷ)")
     parser.add_argument("--json", type=Path, help="also write the whole result here")
     args = parser.parse_args(argv)
     if args.min_patients < MIN_PATIENTS:
