@@ -11,7 +11,8 @@ Where each number comes from (``<runs>/<dataset>/<method><suffix>/``):
 - the main table's "ConCare, observation window" row: ConCare trained and tested on the first days of the stay
   (``concare_window``: TJH's first 2 days, MIMIC-IV's first 48 h; ``configs/windows/``), beside the whole-stay
   row, so a reader sees how much the whole-stay protocol (whose length of stay tells the outcome) inflates it;
-- the ablation table: the same for the TJH ablation runs; the robustness table: the TJH runs re-tested with
+- the ablation table: the same for the TJH ablation runs on their fixed subset of test patients, with each row's
+  strict parse rate and R_att on those patients and its paired ΔAUROC against the full EAG-RL; the robustness table: the TJH runs re-tested with
   a shuffled feature order in the text (``robust/<method>_<percent>``; 0% is the main run; ConCare reads one
   GRU per feature and is order-invariant by construction, so it has no numbers there); the cross-dataset table:
   the MIMIC-IV-trained models tested on TJH (``cross/<method>``; ConCare is not applicable: its inputs are
@@ -322,7 +323,7 @@ def collect(runs: Path) -> dict[str, Any]:
     }
     cross = {row: cell(runs / "cross" / name) for row, name in CROSS}
     return {
-        "main": main, "ablation": ablation, "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs),
+        "main": main, "ablation": ablation, "ablation_paired": ablation_paired(runs), "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs),
         "answer_differences": answer_differences(runs), "answers": answer_profiles(runs),
         "calibration": calibration_table(runs), "subgroups": subgroup_table(runs), "synthetic": synthetic_check(runs), "reward_trends": reward_trends(runs), "seeds": seed_runs(runs), "stage1": {key: stage1_summary(runs / folder / f"distill{suffix}") for key, _, folder, suffix in ALL_COLUMNS},
     }  # fmt: skip
@@ -412,7 +413,34 @@ def _cell_on(run: Path, ids: list[str], n_bootstrap: int = 100) -> Optional[dict
                 auprc=pick("auprc"), auprc_std=pick("auprc_std"), patients=len(ids))  # fmt: skip
     if pick("auroc_ci_low") is not None:
         cell.auroc_ci, cell.auprc_ci = [m["auroc_ci_low"], m["auroc_ci_high"]], [m["auprc_ci_low"], m["auprc_ci_high"]]
+    wanted = set(ids)  # the strict parse rate and R_att over the same patients, as metrics.json gives them for the whole split
+    rows = [r for r in _jsonl(run / "generations.jsonl") if r.get("split", "test") == "test" and str(r.get("id")) in wanted]
+    if rows and all("parsed_strict" in r for r in rows):
+        cell.strict_parse_rate = sum(bool(r["parsed_strict"]) for r in rows) / len(rows)
+    if rows and all(r.get("r_att") is not None for r in rows):
+        cell.r_att = sum(float(r["r_att"]) for r in rows) / len(rows)
     return cell.__dict__
+
+
+FULL_ABLATION_ROW = ABLATIONS[0][0]
+
+
+def ablation_paired(runs: Path, n_bootstrap: int = PAIRED_RESAMPLES, seed: int = 0) -> dict[str, Optional[dict[str, Any]]]:
+    """Per ablation row: its ΔAUROC and ΔAUPRC against the full EAG-RL (row − full) on the ablations' subset, with 95%
+    percentile intervals over the same paired resamples (``paired_on_shared``); None where a run is missing."""
+    subset = _ablation_subset(runs)
+    if not subset:
+        return {}
+    wanted = set(subset)
+
+    def on_subset(name: str) -> Optional[dict[str, tuple[float, int]]]:
+        found = predictions_by_id(runs / "tjh" / name)
+        if found is None or not wanted <= set(found):
+            return None
+        return {i: v for i, v in found.items() if i in wanted}
+
+    full = on_subset(dict(ABLATIONS)[FULL_ABLATION_ROW])
+    return {f"{row} − {FULL_ABLATION_ROW}": paired_on_shared(on_subset(name), full, n_bootstrap, seed) for row, name in ABLATIONS[1:]}
 
 
 def stage1_summary(run: Path) -> Optional[dict[str, Any]]:
@@ -640,8 +668,17 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
                      f"{st['trajectories_kept']} | {pct(st['share_r_att_positive'])} | {mean} | {pct(st['share_correct'])} |")  # fmt: skip
     lines += ["", "## Ablations (TJH mortality)", "",
               "Every row on the same test patients: the ablation runs' fixed balanced subset (the full EAG-RL and SFT rows are "
-              "their main-table runs scored again on it).", "", "| variant | AUROC | AUPRC | n |", "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {row} | " + " | ".join(fmt(results["ablation"][row])) + " |" for row, _ in ABLATIONS]
+              "their main-table runs scored again on it). Δ: the row − the full EAG-RL, ΔAUROC x100 with its 95% interval "
+              f"over {PAIRED_RESAMPLES:,} paired resamples of these patients (the paper's order is full > each ablation).", "",
+              "| variant | AUROC | AUPRC | n | strict parse | R_att | Δ AUROC vs full |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row, _ in ABLATIONS:
+        c = results["ablation"][row]
+        rate, r_att = (None, None) if c is None else (c.get("strict_parse_rate"), c.get("r_att"))
+        d = (results.get("ablation_paired") or {}).get(f"{row} − {FULL_ABLATION_ROW}")
+        delta = "—" if d is None else "n/a" if "delta_auroc" not in d else (
+            f"{100 * d['delta_auroc']:+.1f} [{100 * d['delta_auroc_ci_low']:+.1f}, {100 * d['delta_auroc_ci_high']:+.1f}]")
+        lines.append(f"| {row} | " + " | ".join(fmt(c)) + f" | {'—' if rate is None else f'{100 * rate:.0f}%'} | "
+                     f"{'—' if r_att is None else f'{100 * r_att:.1f}'} | {'' if row == FULL_ABLATION_ROW else delta} |")  # fmt: skip
 
     lines += ["", "## Robustness: shuffled feature order at test time (TJH mortality)", ""]
     lines += ["| method | " + " | ".join(f"{p}% AUROC | {p}% AUPRC" for p in SHUFFLED) + " |", "|---" * (1 + 2 * len(SHUFFLED)) + "|"]
@@ -1000,6 +1037,9 @@ def carry_over(current: dict[str, Any], previous: dict[str, Any]) -> list[str]:
     for row in previous.get("cross_dataset") or {}:
         take("cross_dataset", row)
     table("ablation", lambda t: any((t or {}).get(row) is not None for row in ABLATION_ONLY))
+    if "ablation" in taken and previous.get("ablation_paired") is not None:  # its paired differences go with the table
+        current["ablation_paired"] = previous["ablation_paired"]
+        taken.append("ablation_paired")
     table("robustness", lambda t: any(c is not None for cells in (t or {}).values() for p, c in (cells or {}).items() if p != "0"))
     return taken
 

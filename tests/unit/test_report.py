@@ -92,11 +92,17 @@ def test_ablation_rows_share_the_subset_and_the_stage1_and_synthetic_sections(tm
 
     runs = tmp_path / "runs"
     _run(runs / "tjh" / "rl", 1)  # 8 test patients s0..s7
+    _run(runs / "tjh" / "sft", 4)  # the whole split too: paired with the full EAG-RL on the subset only
     subset = ["s1", "s2", "s5", "s6"]
     (runs / "tjh" / "rl_no_att").mkdir(parents=True)
-    (runs / "tjh" / "rl_no_att" / "metrics.json").write_text(json.dumps({"test/auroc": 0.5, "test/samples": 4.0}))
-    rows = [{"id": i, "split": "test", "label": int(i[1]) % 2, "y_hat": 0.3} for i in subset]
+    (runs / "tjh" / "rl_no_att" / "metrics.json").write_text(json.dumps({"test/auroc": 0.5, "test/samples": 4.0, "test/strict_parse_rate": 0.75}))
+    rows = [{"id": i, "split": "test", "label": int(i[1]) % 2, "y_hat": y, "parsed_strict": i != "s2", "r_att": 0.0}
+            for i, y in zip(subset, (0.3, 0.9, 0.2, 0.6))]  # fmt: skip
     (runs / "tjh" / "rl_no_att" / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    full_rows = [json.loads(line) for line in (runs / "tjh" / "rl" / "generations.jsonl").read_text().splitlines()]
+    for k, r in enumerate(full_rows):  # the full run's strict parse and R_att differ inside and outside the subset
+        r["parsed_strict"], r["r_att"] = r["id"] in subset[:3], 0.1 * k
+    (runs / "tjh" / "rl" / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full_rows))
     distill = runs / "tjh" / "distill"
     distill.mkdir(parents=True)
     kept = [{"id": "a", "label": 1, "y_hat": 0.8, "r_att": 0.0}, {"id": "b", "label": 0, "y_hat": 0.8, "r_att": 0.2},
@@ -119,6 +125,19 @@ def test_ablation_rows_share_the_subset_and_the_stage1_and_synthetic_sections(tm
     direct = bootstrap_metrics(torch.tensor([ys[i]["y_hat"] for i in subset]), torch.tensor([ys[i]["label"] for i in subset]), 100)
     assert full["patients"] == 4 and full["auroc"] == pytest.approx(direct["auroc"]) and full["auroc_std"] == pytest.approx(direct["auroc_std"])
     assert results["main"]["EAG-RL"]["tjh"]["patients"] == 8  # the main table keeps the whole test split
+    # strict parse and R_att on the subset's patients only (s1, s2, s5 strict of s1, s2, s5, s6; R_att 0.1 x row index)
+    assert full["strict_parse_rate"] == pytest.approx(3 / 4) and full["r_att"] == pytest.approx((0.1 + 0.2 + 0.5 + 0.6) / 4)
+    assert results["ablation"]["without R_att"]["strict_parse_rate"] == pytest.approx(3 / 4)  # its own metrics.json
+    # the ablation − full difference: a direct paired computation on the subset, in subset order
+    by_id = {r["id"]: r for r in full_rows}
+    direct = paired_difference(torch.tensor([0.3, 0.9, 0.2, 0.6]), torch.tensor([by_id[i]["y_hat"] for i in subset]),
+                               torch.tensor([int(i[1]) % 2 for i in subset]), PAIRED_RESAMPLES)  # fmt: skip
+    assert results["ablation_paired"]["without R_att − EAG-RL (full)"] == pytest.approx({"patients": 4, **direct})
+    assert results["ablation_paired"]["without ε(τ) − EAG-RL (full)"] is None  # not run
+    assert results["ablation_paired"]["without stage 2 (SFT only) − EAG-RL (full)"]["patients"] == 4
+    text = (tmp_path / "results" / "results.md").read_text()
+    d = direct["delta_auroc"]
+    assert any(line.startswith("| without R_att |") and f"{100 * d:+.1f} [" in line and "| 75% |" in line for line in text.splitlines())
     stage1 = results["stage1"]["tjh"]
     assert stage1["patients_searched"] == 5 and stage1["trajectories_kept"] == 3
     assert stage1["share_r_att_positive"] == pytest.approx(2 / 3) and stage1["share_correct"] == pytest.approx(2 / 3)
