@@ -81,7 +81,8 @@ WINDOW_ROW = "ConCare, observation window"
 WINDOW_NOT_APPLICABLE = {"mimic_iv_readmission"}  # predicted at discharge from the whole stay, by its definition
 SHUFFLED = [0, 20, 40, 60, 100]
 CROSS = [("Base LLM (Question Decomposition)", "prompting_decomposition"), ("SFT", "sft"), ("EAG-RL", "rl")]
-RL_VARIANTS = [("GRPO", "rl_grpo"), ("DAPO", "rl_dapo"), ("EAG-RL", "rl"), ("without R_att", "rl_no_att"), ("without ε(τ)", "rl_no_entropy")]
+RL_VARIANTS = [("GRPO", "rl_grpo"), ("DAPO", "rl_dapo"), ("EAG-RL", "rl"), ("without R_att", "rl_no_att"), ("without ε(τ)", "rl_no_entropy"),
+               ("without stage 1", "rl_no_stage1")]
 
 
 @dataclass
