@@ -374,14 +374,24 @@ def calibration_table(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
 
 def seed_runs(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """Per dataset, per RL variant run again with another seed (``<name>_seed<N>``, ``SEEDS="0 1"``): its test cell
-    beside the main run's ("main": the config's seed), so a reader sees how much of a gap is seed noise."""
+    beside the main run's ("main": the config's seed), so a reader sees how much of a gap is seed noise. Each extra
+    seed's cell also holds ``vs_main``: its paired difference from the main run on the patients both answered
+    (``paired_on_shared``, seed − main) and ``yhat_differ``: the share of those patients whose ŷ differs."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for key, _, folder, suffix in ALL_COLUMNS:
         for row, name in RL_VARIANTS:
             extra = sorted((runs / folder).glob(f"{name}{suffix}_seed*")) if (runs / folder).is_dir() else []
-            cells = {run.name.rsplit("_seed", 1)[1]: read_cell(run) for run in extra}
-            cells = {seed: c.__dict__ for seed, c in cells.items() if c is not None}
-            main = read_cell(runs / folder / f"{name}{suffix}")
+            main_run = runs / folder / f"{name}{suffix}"
+            main = read_cell(main_run)
+            cells: dict[str, dict[str, Any]] = {}
+            for run in extra:
+                cell = read_cell(run)
+                if cell is None:
+                    continue
+                found, found_main = predictions_by_id(run), predictions_by_id(main_run)
+                differ = yhat_difference(found, found_main)
+                cells[run.name.rsplit("_seed", 1)[1]] = {**cell.__dict__, "vs_main": paired_on_shared(found, found_main),
+                                                         "yhat_differ": None if differ is None else differ["differ"]}  # fmt: skip
             if cells and main is not None:
                 out.setdefault(key, {})[row] = {"main": main.__dict__, **cells}
     return out
@@ -555,7 +565,7 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     def fmt(c: Optional[dict[str, Any]]) -> tuple[str, str, str]:
         if c is None:
             return "—", "—", "—"
-        auroc, auprc = Cell(**c).text()
+        auroc, auprc = Cell(**{k: v for k, v in c.items() if k in Cell.__dataclass_fields__}).text()
         return auroc, auprc, str(c["patients"]) if c["patients"] is not None else "?"
 
     lines = ["# Results", "", f"Generated {facts['generated']} from the run directories (every number is read from a run's `metrics.json`).", ""]
@@ -726,10 +736,19 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
                 cells.append(f"too small {size}" if g["auroc"] is None else f"{100 * g['auroc']:.1f} {size}")
             lines.append(f"| {titles[key]} | {row} | " + " | ".join(cells) + " |")
     if results.get("seeds"):
-        lines += ["", "## Seed noise: the RL variants with a second seed", "", "| dataset | variant | seed | AUROC | AUPRC | n |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Seed noise: the RL variants with a second seed", "",
+                  "Δ: the seed's run − the main run (ΔAUROC x100, 95% interval over "
+                  f"{PAIRED_RESAMPLES:,} paired resamples of the patients both answered); ŷ differ: the share of them whose ŷ differs.", "",
+                  "| dataset | variant | seed | AUROC | AUPRC | n | strict parse | R_att | Δ AUROC vs main | ŷ differ |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for key, variants in results["seeds"].items():
             for row, by_seed in variants.items():
-                lines += [f"| {titles[key]} | {row} | {seed} | " + " | ".join(fmt(c)) + " |" for seed, c in sorted(by_seed.items())]
+                for seed, c in sorted(by_seed.items()):
+                    rate, r_att, d, differ = c.get("strict_parse_rate"), c.get("r_att"), c.get("vs_main"), c.get("yhat_differ")
+                    delta = "" if seed == "main" else "—" if d is None else "n/a" if "delta_auroc" not in d else (
+                        f"{100 * d['delta_auroc']:+.1f} [{100 * d['delta_auroc_ci_low']:+.1f}, {100 * d['delta_auroc_ci_high']:+.1f}]")
+                    lines.append(f"| {titles[key]} | {row} | {seed} | " + " | ".join(fmt(c)) + f" | {'—' if rate is None else f'{100 * rate:.0f}%'} | "
+                                 f"{'—' if r_att is None else f'{100 * r_att:.1f}'} | {delta} | {'' if seed == 'main' else '—' if differ is None else f'{100 * differ:.0f}%'} |")  # fmt: skip
     lines += ["", "## Plots", ""]
     lines += [f"- `{name}`" for name in results.get("plots", [])]
     return "\n".join(lines) + "\n"

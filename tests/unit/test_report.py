@@ -169,7 +169,15 @@ def test_reward_trend_and_second_seeds(tmp_path):
     results = build(runs, tmp_path / "results")
     assert set(results["seeds"]["tjh"]["EAG-RL"]) == {"main", "1"}
     assert set(results["reward_trends"]["tjh"]) == {"EAG-RL", "EAG-RL (seed1)"} and results["reward_trends"]["tjh"]["EAG-RL"] is None
-    assert "## Seed noise" in (tmp_path / "results" / "results.md").read_text()
+    text = (tmp_path / "results" / "results.md").read_text()
+    assert "## Seed noise" in text
+    # seed − main: a direct paired computation on the two runs' ŷ, and the share of patients whose ŷ differs
+    (ys, labels), (ym, _) = predictions(runs / "tjh" / "rl_seed1"), predictions(runs / "tjh" / "rl")
+    direct = paired_difference(torch.tensor(ys), torch.tensor(ym), torch.tensor(labels), PAIRED_RESAMPLES)
+    seed1 = results["seeds"]["tjh"]["EAG-RL"]["1"]
+    assert seed1["vs_main"] == pytest.approx({"patients": 8, **direct}) and seed1["yhat_differ"] == 1.0
+    row = next(line for line in text.splitlines() if line.startswith("| TJH mortality | EAG-RL | 1 |"))
+    assert f"{100 * direct['delta_auroc']:+.1f} [" in row and row.endswith("| 100% |")
 
 
 def _direct_calibration(probs: list[float], labels: list[int]) -> tuple[float, float]:
