@@ -13,7 +13,8 @@ Where each number comes from (``<runs>/<dataset>/<method><suffix>/``):
   row, so a reader sees how much the whole-stay protocol (whose length of stay tells the outcome) inflates it;
 - the ablation table: the same for the TJH ablation runs on their fixed subset of test patients, with each row's
   strict parse rate and R_att on those patients and its paired ΔAUROC against the full EAG-RL; the robustness table: the TJH runs re-tested with
-  a shuffled feature order in the text (``robust/<method>_<percent>``; 0% is the main run; ConCare reads one
+  a shuffled feature order in the text (``robust/<method>_<percent>``, on the ablations' subset; 0% is the main run,
+  scored again on that subset once the subset's runs exist; ConCare reads one
   GRU per feature and is order-invariant by construction, so it has no numbers there); the cross-dataset table:
   the MIMIC-IV-trained models tested on TJH (``cross/<method>``; ConCare is not applicable: its inputs are
   dataset-specific feature columns);
@@ -322,6 +323,11 @@ def collect(runs: Path) -> dict[str, Any]:
     robustness = {
         row: {str(p): cell(runs / "tjh" / (name if p == 0 else f"robust/{name}_{p}")) for p in SHUFFLED} for row, name in ROBUST_METHODS
     }
+    if subset:  # the shuffled runs answer the subset: 0% is the main run scored again on the same patients
+        for row, name in ROBUST_METHODS:
+            found = _cell_on(runs / "tjh" / name, subset)
+            if found is not None:
+                robustness[row]["0"] = found
     cross = {row: cell(runs / "cross" / name) for row, name in CROSS}
     return {
         "main": main, "ablation": ablation, "ablation_paired": ablation_paired(runs), "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs),
@@ -691,7 +697,9 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
         lines.append(f"| {row} | " + " | ".join(fmt(c)) + f" | {'—' if rate is None else f'{100 * rate:.0f}%'} | "
                      f"{'—' if r_att is None else f'{100 * r_att:.1f}'} | {'' if row == FULL_ABLATION_ROW else delta} |")  # fmt: skip
 
-    lines += ["", "## Robustness: shuffled feature order at test time (TJH mortality)", ""]
+    lines += ["", "## Robustness: shuffled feature order at test time (TJH mortality)", "",
+              "The shuffled runs answer the ablations' subset; 0% is the main run, scored again on the same patients once that "
+              "subset exists (n says how many).", ""]  # fmt: skip
     lines += ["| method | " + " | ".join(f"{p}% AUROC | {p}% AUPRC" for p in SHUFFLED) + " |", "|---" * (1 + 2 * len(SHUFFLED)) + "|"]
     for row, _ in ROBUST_METHODS:
         lines.append(f"| {row} | " + " | ".join(" | ".join(fmt(results["robustness"][row][str(p)])[:2]) for p in SHUFFLED) + " |")

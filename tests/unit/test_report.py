@@ -103,6 +103,9 @@ def test_ablation_rows_share_the_subset_and_the_stage1_and_synthetic_sections(tm
     for k, r in enumerate(full_rows):  # the full run's strict parse and R_att differ inside and outside the subset
         r["parsed_strict"], r["r_att"] = r["id"] in subset[:3], 0.1 * k
     (runs / "tjh" / "rl" / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full_rows))
+    shuffled = runs / "tjh" / "robust" / "rl_100"  # a robustness run on the same subset
+    shuffled.mkdir(parents=True)
+    (shuffled / "metrics.json").write_text(json.dumps({"test/auroc": 0.6, "test/samples": 4.0}))
     distill = runs / "tjh" / "distill"
     distill.mkdir(parents=True)
     kept = [{"id": "a", "label": 1, "y_hat": 0.8, "r_att": 0.0}, {"id": "b", "label": 0, "y_hat": 0.8, "r_att": 0.2},
@@ -125,6 +128,7 @@ def test_ablation_rows_share_the_subset_and_the_stage1_and_synthetic_sections(tm
     direct = bootstrap_metrics(torch.tensor([ys[i]["y_hat"] for i in subset]), torch.tensor([ys[i]["label"] for i in subset]), 100)
     assert full["patients"] == 4 and full["auroc"] == pytest.approx(direct["auroc"]) and full["auroc_std"] == pytest.approx(direct["auroc_std"])
     assert results["main"]["EAG-RL"]["tjh"]["patients"] == 8  # the main table keeps the whole test split
+    assert results["robustness"]["EAG-RL"]["0"] == full and results["robustness"]["EAG-RL"]["100"]["auroc"] == 0.6  # 0%: on the subset too
     # strict parse and R_att on the subset's patients only (s1, s2, s5 strict of s1, s2, s5, s6; R_att 0.1 x row index)
     assert full["strict_parse_rate"] == pytest.approx(3 / 4) and full["r_att"] == pytest.approx((0.1 + 0.2 + 0.5 + 0.6) / 4)
     assert results["ablation"]["without R_att"]["strict_parse_rate"] == pytest.approx(3 / 4)  # its own metrics.json
