@@ -113,6 +113,21 @@ class Cell:
         return one(self.auroc, self.auroc_std, self.auroc_ci), one(self.auprc, self.auprc_std, self.auprc_ci)
 
 
+def _delta_text(d: Optional[dict[str, Any]], metric: str = "auroc") -> str:
+    """A paired difference (``paired_on_shared``) as ``+Δ [low, high]`` x100; "—": not run; "n/a": undefined."""
+    if d is None:
+        return "—"
+    if f"delta_{metric}" not in d:
+        return "n/a"
+    return f"{100 * d[f'delta_{metric}']:+.1f} [{100 * d[f'delta_{metric}_ci_low']:+.1f}, {100 * d[f'delta_{metric}_ci_high']:+.1f}]"
+
+
+def _parse_and_r_att_text(c: Optional[dict[str, Any]]) -> str:
+    """A cell's strict parse rate and R_att as two table columns ("—" where absent)."""
+    rate, r_att = (None, None) if c is None else (c.get("strict_parse_rate"), c.get("r_att"))
+    return f"{'—' if rate is None else f'{100 * rate:.0f}%'} | {'—' if r_att is None else f'{100 * r_att:.1f}'}"
+
+
 def _number(value: Any) -> Optional[float]:
     try:
         number = float(value)
@@ -330,7 +345,7 @@ def collect(runs: Path) -> dict[str, Any]:
                 robustness[row]["0"] = found
     cross = {row: cell(runs / "cross" / name) for row, name in CROSS}
     return {
-        "main": main, "ablation": ablation, "ablation_paired": ablation_paired(runs), "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs),
+        "main": main, "ablation": ablation, "ablation_paired": ablation_paired(runs, subset), "robustness": robustness, "cross_dataset": cross, "paired": paired_differences(runs),
         "answer_differences": answer_differences(runs), "answers": answer_profiles(runs),
         "calibration": calibration_table(runs), "subgroups": subgroup_table(runs), "synthetic": synthetic_check(runs), "reward_trends": reward_trends(runs), "seeds": seed_runs(runs), "stage1": {key: stage1_summary(runs / folder / f"distill{suffix}") for key, _, folder, suffix in ALL_COLUMNS},
     }  # fmt: skip
@@ -389,12 +404,13 @@ def seed_runs(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
             extra = sorted((runs / folder).glob(f"{name}{suffix}_seed*")) if (runs / folder).is_dir() else []
             main_run = runs / folder / f"{name}{suffix}"
             main = read_cell(main_run)
+            found_main = predictions_by_id(main_run) if extra else None
             cells: dict[str, dict[str, Any]] = {}
             for run in extra:
                 cell = read_cell(run)
                 if cell is None:
                     continue
-                found, found_main = predictions_by_id(run), predictions_by_id(main_run)
+                found = predictions_by_id(run)
                 differ = yhat_difference(found, found_main)
                 cells[run.name.rsplit("_seed", 1)[1]] = {**cell.__dict__, "vs_main": paired_on_shared(found, found_main),
                                                          "yhat_differ": None if differ is None else differ["differ"]}  # fmt: skip
@@ -442,10 +458,10 @@ def _cell_on(run: Path, ids: list[str], n_bootstrap: int = 100) -> Optional[dict
 FULL_ABLATION_ROW = ABLATIONS[0][0]
 
 
-def ablation_paired(runs: Path, n_bootstrap: int = PAIRED_RESAMPLES, seed: int = 0) -> dict[str, Optional[dict[str, Any]]]:
-    """Per ablation row: its ΔAUROC and ΔAUPRC against the full EAG-RL (row − full) on the ablations' subset, with 95%
-    percentile intervals over the same paired resamples (``paired_on_shared``); None where a run is missing."""
-    subset = _ablation_subset(runs)
+def ablation_paired(runs: Path, subset: Optional[list[str]], n_bootstrap: int = PAIRED_RESAMPLES, seed: int = 0) -> dict[str, Optional[dict[str, Any]]]:
+    """Per ablation row: its ΔAUROC and ΔAUPRC against the full EAG-RL (row − full) on the ablations' subset
+    (``_ablation_subset``), with 95% percentile intervals over the same paired resamples (``paired_on_shared``); None
+    where a run is missing."""
     if not subset:
         return {}
     wanted = set(subset)
@@ -632,8 +648,7 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
             elif "delta_auroc" not in d:
                 cells.append(f"n/a | n/a | {d['patients']}")
             else:
-                one = lambda m: f"{100 * d[f'delta_{m}']:+.1f} [{100 * d[f'delta_{m}_ci_low']:+.1f}, {100 * d[f'delta_{m}_ci_high']:+.1f}]"  # noqa: E731
-                cells.append(f"{one('auroc')} | {one('auprc')} | {d['patients']}")
+                cells.append(f"{_delta_text(d, 'auroc')} | {_delta_text(d, 'auprc')} | {d['patients']}")
         lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
 
     lines += ["", "## Do the trained models answer differently?", "",
@@ -660,10 +675,7 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     for row in LLM_ROWS:
         cells = []
         for key, *_ in COLUMNS:
-            c = results["main"][row][key]
-            rate = None if c is None else c.get("strict_parse_rate")
-            r_att = None if c is None else c.get("r_att")
-            cells.append(f"{'—' if rate is None else f'{100 * rate:.0f}%'} | {'—' if r_att is None else f'{100 * r_att:.1f}'}")
+            cells.append(_parse_and_r_att_text(results["main"][row][key]))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines.append("")
 
@@ -690,12 +702,8 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
               "| variant | AUROC | AUPRC | n | strict parse | R_att | Δ AUROC vs full |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row, _ in ABLATIONS:
         c = results["ablation"][row]
-        rate, r_att = (None, None) if c is None else (c.get("strict_parse_rate"), c.get("r_att"))
-        d = (results.get("ablation_paired") or {}).get(f"{row} − {FULL_ABLATION_ROW}")
-        delta = "—" if d is None else "n/a" if "delta_auroc" not in d else (
-            f"{100 * d['delta_auroc']:+.1f} [{100 * d['delta_auroc_ci_low']:+.1f}, {100 * d['delta_auroc_ci_high']:+.1f}]")
-        lines.append(f"| {row} | " + " | ".join(fmt(c)) + f" | {'—' if rate is None else f'{100 * rate:.0f}%'} | "
-                     f"{'—' if r_att is None else f'{100 * r_att:.1f}'} | {'' if row == FULL_ABLATION_ROW else delta} |")  # fmt: skip
+        delta = "" if row == FULL_ABLATION_ROW else _delta_text((results.get("ablation_paired") or {}).get(f"{row} − {FULL_ABLATION_ROW}"))
+        lines.append(f"| {row} | " + " | ".join(fmt(c)) + f" | {_parse_and_r_att_text(c)} | {delta} |")
 
     lines += ["", "## Robustness: shuffled feature order at test time (TJH mortality)", "",
               "The shuffled runs answer the ablations' subset; 0% is the main run, scored again on the same patients once that "
@@ -752,11 +760,9 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
         for key, variants in results["seeds"].items():
             for row, by_seed in variants.items():
                 for seed, c in sorted(by_seed.items()):
-                    rate, r_att, d, differ = c.get("strict_parse_rate"), c.get("r_att"), c.get("vs_main"), c.get("yhat_differ")
-                    delta = "" if seed == "main" else "—" if d is None else "n/a" if "delta_auroc" not in d else (
-                        f"{100 * d['delta_auroc']:+.1f} [{100 * d['delta_auroc_ci_low']:+.1f}, {100 * d['delta_auroc_ci_high']:+.1f}]")
-                    lines.append(f"| {titles[key]} | {row} | {seed} | " + " | ".join(fmt(c)) + f" | {'—' if rate is None else f'{100 * rate:.0f}%'} | "
-                                 f"{'—' if r_att is None else f'{100 * r_att:.1f}'} | {delta} | {'' if seed == 'main' else '—' if differ is None else f'{100 * differ:.0f}%'} |")  # fmt: skip
+                    differ = c.get("yhat_differ")
+                    delta, share = ("", "") if seed == "main" else (_delta_text(c.get("vs_main")), "—" if differ is None else f"{100 * differ:.0f}%")
+                    lines.append(f"| {titles[key]} | {row} | {seed} | " + " | ".join(fmt(c)) + f" | {_parse_and_r_att_text(c)} | {delta} | {share} |")
     lines += ["", "## Plots", ""]
     lines += [f"- `{name}`" for name in results.get("plots", [])]
     return "\n".join(lines) + "\n"
@@ -811,10 +817,7 @@ def _synthetic_markdown(check: Optional[dict[str, Any]], fmt) -> list[str]:
     lines += ["| method | AUROC | AUPRC | n | strict parse | R_att |", "|---|---|---|---|---|---|"]
     for row, _ in SYNTHETIC_ROWS:
         c = check["rows"].get(row)
-        rate = None if c is None else c.get("strict_parse_rate")
-        r_att = None if c is None else c.get("r_att")
-        extra = f"{'—' if rate is None else f'{100 * rate:.0f}%'} | {'—' if r_att is None else f'{100 * r_att:.1f}'}"
-        lines.append(f"| {row} | " + " | ".join(fmt(c)) + f" | {extra} |")
+        lines.append(f"| {row} | " + " | ".join(fmt(c)) + f" | {_parse_and_r_att_text(c)} |")
     lines += ["", "| a − b | ΔAUROC | ΔAUPRC | n |", "|---|---|---|---|"]
     for pair, d in check["paired"].items():
         if d is None:
@@ -822,8 +825,7 @@ def _synthetic_markdown(check: Optional[dict[str, Any]], fmt) -> list[str]:
         elif "delta_auroc" not in d:
             lines.append(f"| {pair} | n/a | n/a | {d['patients']} |")
         else:
-            one = lambda m: f"{100 * d[f'delta_{m}']:+.1f} [{100 * d[f'delta_{m}_ci_low']:+.1f}, {100 * d[f'delta_{m}_ci_high']:+.1f}]"  # noqa: E731
-            lines.append(f"| {pair} | {one('auroc')} | {one('auprc')} | {d['patients']} |")
+            lines.append(f"| {pair} | {_delta_text(d, 'auroc')} | {_delta_text(d, 'auprc')} | {d['patients']} |")
     return lines + [""]
 
 
