@@ -5,10 +5,14 @@ The paper's protocol (METHOD.md §6): mean ± std over 100 seeded bootstrap resa
 the paper reports, and the 95% percentile interval (2.5th and 97.5th percentiles of the resampled values).
 ``paired_difference`` compares two methods on the same patients over the same resamples: the difference
 of a metric on the whole set, and its 95% percentile interval. Resamples that hold a single class (where
-AUROC is undefined) are drawn again, so every resample is valid (``resamples``).
+AUROC is undefined) are drawn again, so every resample is valid (``resamples``). ``shuffled_alignment`` asks
+how much of a model's R_att is about the patient: its R_att against its own expert top-k and against other
+patients'.
 """
 
 from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +22,8 @@ from torchmetrics.functional.classification import (
     binary_average_precision,
     binary_f1_score,
 )
+
+from eagrl.rl.rewards import attention_alignment
 
 METRICS = ("auroc", "auprc", "f1", "accuracy")
 
@@ -121,6 +127,31 @@ def paired_difference(
         out[f"delta_{m}"] = whole_a[m] - whole_b[m]
         out[f"delta_{m}_ci_low"], out[f"delta_{m}_ci_high"] = percentile_interval(values, level)
     return out
+
+
+def shuffled_alignment(
+    predicted: Sequence[Iterable[str]], expert: Sequence[Iterable[str]], unknown: Optional[Sequence[int]] = None,
+    n_permutations: int = 1000, seed: int = 0,
+) -> dict[str, float]:
+    """How much of a model's R_att is about the patient: the mean R_att of N answers scored against their own
+    expert top-k (``own``), and against the expert top-k of the patients in a seeded random permutation, over
+    ``n_permutations`` permutations (``shuffled``: their mean, ``shuffled_ci_low/high``: the 95% percentile interval).
+    ``specific`` = own − shuffled: zero for a template that names the cohort's common features whoever the patient
+    is, positive when the named features follow this patient's ranking. ``p`` = (1 + #permutations with a mean at
+    least ``own``) / (1 + n_permutations), a one-sided permutation p-value. predicted, expert: N sets of names;
+    unknown: [N] named items that are not features (as ``attention_alignment``)."""
+    predicted, expert = [list(p) for p in predicted], [list(e) for e in expert]
+    if len(predicted) != len(expert) or not predicted:
+        raise ValueError(f"shuffled_alignment needs one expert set per answer, and at least one: {len(predicted)}, {len(expert)}")
+    own = float(attention_alignment(predicted, expert, unknown).mean())
+    rng = np.random.default_rng(seed)
+    means = np.array([
+        float(attention_alignment(predicted, [expert[j] for j in rng.permutation(len(expert))], unknown).mean())
+        for _ in range(n_permutations)
+    ])  # [n_permutations]
+    low, high = percentile_interval(means)
+    return {"own": own, "shuffled": float(means.mean()), "shuffled_ci_low": low, "shuffled_ci_high": high,
+            "specific": own - float(means.mean()), "p": (1 + int((means >= own - 1e-12).sum())) / (1 + n_permutations)}  # fmt: skip
 
 
 CALIBRATION_BINS = 10

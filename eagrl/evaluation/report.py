@@ -244,8 +244,10 @@ TOP_NAMED = 3  # the most often named features shown per LLM row
 def answer_profile(run: Path) -> Optional[dict[str, Any]]:
     """What an LLM run wrote on its test patients, as counts only (no text, no id): how many distinct ŷ it gave, the
     share of its parsed ŷ at or above 0.5, the share of answers that name one of the expert's top-k features, the
-    features it named most often and those the expert ranked most often (each with the share of answers), and the
-    median number of generated tokens with the share of answers cut off at the token limit. And who answered: the
+    features it named most often and those the expert ranked most often (each with the share of answers), its R_att
+    against each patient's own expert top-k and against the top-k of other patients (``shuffled_alignment``: equal for a
+    template that names the cohort's common features whoever the patient is), and the median number of generated
+    tokens with the share of answers cut off at the token limit. And who answered: the
     share of the patients with and without the outcome whose answer was read (a parsed ŷ), and the AUROC over those
     answered alone (None unless both outcomes answered). Every unread answer is scored 0.5 in the main table, so a
     model that answers more often for one outcome gets an AUROC away from 0.5 from its answering alone; these say
@@ -270,6 +272,11 @@ def answer_profile(run: Path) -> Optional[dict[str, Any]]:
         group = [r for r in rows if int(r["label"]) == outcome]
         return sum(r.get("y_hat") is not None for r in group) / len(group) if group else None
 
+    alignment = None  # R_att against the patient's own expert top-k and against other patients' (shuffled_alignment)
+    if all(r.get("expert_top_k") for r in rows):
+        from eagrl.evaluation.metrics import shuffled_alignment
+
+        alignment = shuffled_alignment(named, [r["expert_top_k"] for r in rows], [int(r.get("unknown_features") or 0) for r in rows])
     auroc_answered = None
     if len({int(r["label"]) for r in answered}) == 2:
         import torch
@@ -285,6 +292,7 @@ def answer_profile(run: Path) -> Optional[dict[str, Any]]:
         "share_naming_expert": sum(float(r.get("r_att") or 0.0) > 0 for r in rows) / len(rows),
         "most_named": most_common(named),
         "expert_most_ranked": most_common([list(r.get("expert_top_k") or []) for r in rows]),
+        "r_att_shuffled": alignment,
         "median_new_tokens": tokens[len(tokens) // 2] if tokens else None,
         "share_cut_off": sum(r.get("finished") is False for r in rows) / len(rows),
         "answered": len(answered),
@@ -768,6 +776,11 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shuffled_text(a: Optional[dict[str, Any]]) -> str:
+    """``shuffled_alignment`` as one cell: own / shuffled R_att x100 and the permutation p-value ("—" where absent)."""
+    return "—" if not a else f"{100 * a['own']:.1f} / {100 * a['shuffled']:.1f} (p {a['p']:.3f})"
+
+
 def _answers_markdown(answers: dict[str, dict[str, Optional[dict[str, Any]]]]) -> list[str]:
     """The "what the LLM rows write" tables, one per dataset with at least one LLM run (counts only)."""
     share = lambda v: "—" if v is None else f"{100 * v:.0f}%"  # noqa: E731
@@ -781,20 +794,24 @@ def _answers_markdown(answers: dict[str, dict[str, Optional[dict[str, Any]]]]) -
             lines += ["## What the LLM rows write", "",
                       "Counts over the test patients' answers, no text: distinct ŷ values, the share of parsed ŷ ≥ 0.5, the share "
                       "of answers naming at least one of the expert's top-k features, the features named most often (share of "
-                      "answers), the median number of generated tokens and the share cut off at the token limit. Who "
+                      "answers), R_att (x100) against the patient's own expert top-k and against other patients' (the "
+                      "expert sets shuffled across the patients, mean over 1,000 permutations, with the one-sided permutation "
+                      "p-value of own ≤ shuffled: a template naming the cohort's common features scores the same on both), "
+                      "the median number of generated tokens and the share cut off at the token limit. Who "
                       "answered: the share of the patients with and without the outcome whose answer was read, and the AUROC "
                       "(x100) over the answered patients alone. The main table scores an unread answer 0.5, so a model that "
                       "answers one outcome more often than the other moves its AUROC away from 50 by answering alone.", ""]  # fmt: skip
         expert = next(iter(found.values()))["expert_most_ranked"]
         lines += [f"**{title}.** The expert's most often top-ranked features: {named(expert)}.", "",
-                  "| method | n | distinct ŷ | ŷ ≥ 0.5 | names an expert feature | most named | median tokens | cut off | "
-                  "answered: with outcome / without | AUROC on answered (n) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| method | n | distinct ŷ | ŷ ≥ 0.5 | names an expert feature | most named | R_att own / shuffled (p) | "
+                  "median tokens | cut off | answered: with outcome / without | AUROC on answered (n) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row, p in found.items():
             auroc = p.get("auroc_answered")
             on_answered = "—" if auroc is None else f"{100 * auroc:.1f} ({p['answered']})"
             lines.append(f"| {row} | {p['patients']} | {p['distinct_yhat']} | {share(p['share_yhat_positive'])} | "
-                         f"{share(p['share_naming_expert'])} | {named(p['most_named'])} | {p['median_new_tokens'] or '—'} | "
+                         f"{share(p['share_naming_expert'])} | {named(p['most_named'])} | {_shuffled_text(p.get('r_att_shuffled'))} | "
+                         f"{p['median_new_tokens'] or '—'} | "
                          f"{share(p['share_cut_off'])} | {share(p.get('answered_with_outcome'))} / "
                          f"{share(p.get('answered_without_outcome'))} | {on_answered} |")  # fmt: skip
         lines.append("")

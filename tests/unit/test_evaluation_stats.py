@@ -90,3 +90,32 @@ def test_each_reading_of_saved_answers_equals_a_direct_computation(tmp_path, cap
     (run / "generations.jsonl").write_text('{"completion": "x"}\n')
     with pytest.raises(SystemExit, match=r"generations.jsonl line 1: expected a JSON object with 'completion' and 'label'"):
         main([str(run)])
+
+
+def test_shuffled_alignment_tells_a_patient_specific_answer_from_a_template():
+    """Answers that name each patient's own expert features score R_att 1 against their own top-k and far less against
+    other patients'; a template naming the same features for everyone scores the same against both. Each permuted mean
+    equals attention_alignment on the expert sets in that permutation's order."""
+    from eagrl.evaluation.metrics import shuffled_alignment
+    from eagrl.rl.rewards import attention_alignment
+
+    expert = [["Lactate", "Albumin"], ["Sodium", "ALT"], ["Urea", "pH"], ["Glucose", "INR"], ["LDH", "CRP"], ["Age", "WBC"]]
+    specific = shuffled_alignment(expert, expert, n_permutations=200, seed=3)
+    assert specific["own"] == 1.0 and specific["shuffled"] < 0.3 and specific["specific"] > 0.7
+    assert specific["p"] < 0.05  # only the identity (1 permutation in 720) reaches own
+    assert specific["shuffled_ci_low"] <= specific["shuffled"] <= specific["shuffled_ci_high"]
+
+    template = [["Lactate", "Sodium"]] * len(expert)
+    flat = shuffled_alignment(template, expert, n_permutations=200, seed=3)
+    assert flat["own"] == pytest.approx(flat["shuffled"]) and flat["specific"] == pytest.approx(0.0, abs=1e-12)
+    assert flat["p"] == 1.0
+
+    rng = np.random.default_rng(5)  # one permutation by hand, with unknown names counted in the union
+    unknown = [0, 1, 0, 2, 0, 0]
+    direct = float(attention_alignment(template, [expert[j] for j in rng.permutation(len(expert))], unknown).mean())
+    assert shuffled_alignment(template, expert, unknown, n_permutations=1, seed=5)["shuffled"] == pytest.approx(direct)
+    assert shuffled_alignment(template, expert, unknown, n_permutations=1, seed=5)["own"] == pytest.approx(
+        float(attention_alignment(template, expert, unknown).mean())
+    )
+    with pytest.raises(ValueError, match="one expert set per answer"):
+        shuffled_alignment(template, expert[:2])

@@ -300,7 +300,12 @@ def test_what_the_llm_rows_write_is_counted_from_their_answers(tmp_path):
     build(tmp_path / "runs", tmp_path / "results")
     text = (tmp_path / "results" / "results.md").read_text()
     assert "## What the LLM rows write" in text
-    assert "| EAG-RL | 4 | 2 | 67% | 50% | Sodium (75%), Lactate (25%) | 96 | 50% | 100% / 50% | 100.0 (3) |" in text
+    own = (1 / 3 + 1 / 2 + 0 + 0) / 4  # Jaccard of the named set and the patient's own top-k: p0, p1, p2, p3
+    assert profile["r_att_shuffled"]["own"] == pytest.approx(own)
+    assert profile["r_att_shuffled"]["shuffled"] < own  # p1 names its own (uncommon) expert feature
+    shuffled = profile["r_att_shuffled"]
+    cell = f"{100 * own:.1f} / {100 * shuffled['shuffled']:.1f} (p {shuffled['p']:.3f})"
+    assert f"| EAG-RL | 4 | 2 | 67% | 50% | Sodium (75%), Lactate (25%) | {cell} | 96 | 50% | 100% / 50% | 100.0 (3) |" in text
     assert "p0" not in text and "p1" not in text
 
     rows[0]["y_hat"], rows[2]["y_hat"] = 0.1, 0.1  # the deaths now answered below the survivor: the AUROC over answers flips
