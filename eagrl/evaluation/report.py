@@ -533,10 +533,16 @@ def synthetic_check(runs: Path) -> Optional[dict[str, Any]]:
     return {"rows": rows, "expert": expert, "paired": paired}
 
 
+def _files_named(runs: Path, name: str) -> list[Path]:
+    """Every file called ``name`` under ``runs``, sorted, following symlinked folders (``Path.glob("**")`` before
+    Python 3.13 does not, so a report built over linked run folders lost their facts)."""
+    return sorted(Path(folder) / name for folder, _, files in os.walk(runs, followlinks=True) if name in files)
+
+
 def _run_facts(runs: Path) -> dict[str, Any]:
     """Model, data, sizes and date of the run, from the run bundles (``run_info.json``, ``config.yaml``)."""
     facts: dict[str, Any] = {"generated": dt.datetime.now().isoformat(timespec="seconds")}
-    infos = sorted(runs.glob("**/run_info.json"), key=lambda p: p.stat().st_mtime)
+    infos = sorted(_files_named(runs, "run_info.json"), key=lambda p: p.stat().st_mtime)
     if infos:
         info = json.loads(infos[-1].read_text())
         facts["git_revision"] = info.get("git_revision")
@@ -544,7 +550,7 @@ def _run_facts(runs: Path) -> dict[str, Any]:
         facts["runs_between"] = [dt.datetime.fromtimestamp(p.stat().st_mtime).isoformat(timespec="minutes") for p in (infos[0], infos[-1])]
     facts["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs" + (f", {torch_device()}" if torch_device() else "")
     models = set()
-    for config in runs.glob("**/config.yaml"):
+    for config in _files_named(runs, "config.yaml"):
         backbone = ((yaml.safe_load(config.read_text()) or {}).get("model", {}).get("init_args", {}) or {}).get("backbone")
         if isinstance(backbone, dict) and backbone.get("name"):
             models.add(str(backbone["name"]))
@@ -558,7 +564,7 @@ def answer_readings(runs: Path) -> dict[str, str]:
     ``final_answer`` (only the ``<Final Answer>`` span) or ``anywhere`` (the older reading, also the last number
     of a completion without the tag: a run configured before ``answer_reading`` existed read that way)."""
     found: dict[str, str] = {}
-    for answers in sorted(runs.glob("**/generations.jsonl")):
+    for answers in _files_named(runs, "generations.jsonl"):
         found[answers.parent.relative_to(runs).as_posix()] = answer_reading_of(answers.parent)
     return found
 

@@ -393,3 +393,20 @@ def test_llm_entries_read_the_older_way_are_flagged_and_not_carried(tmp_path):
     assert "every run (written before answer_reading existed)" in (tmp_path / "absent" / "results.md").read_text()
     fresh = build(second, tmp_path / "later", previous=tmp_path / "named" / "results.json")  # a report whose runs read the span
     assert fresh["main"]["EAG-RL"]["tjh"] is not None and "not_carried" not in fresh["facts"]
+
+
+def test_run_facts_follow_symlinked_run_folders(tmp_path):
+    """A report built over linked run folders (runs/tjh/rl -> elsewhere) reads their revision, backbone and answer
+    reading as it does for real folders (Path.glob("**") before Python 3.13 skipped them: the header showed "?")."""
+    from eagrl.evaluation.report import _run_facts
+
+    elsewhere = tmp_path / "kept" / "rl"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "run_info.json").write_text(json.dumps({"git_revision": "abc1234", "versions": {"torch": "2.13.0"}}))
+    (elsewhere / "config.yaml").write_text("model:\n  init_args:\n    answer_reading: final_answer\n    backbone:\n      name: tiny-llama\n")
+    (elsewhere / "generations.jsonl").write_text(json.dumps({"id": "s0", "split": "test", "label": 1, "y_hat": 0.7}) + "\n")
+    (tmp_path / "runs" / "tjh").mkdir(parents=True)
+    (tmp_path / "runs" / "tjh" / "rl").symlink_to(elsewhere, target_is_directory=True)
+    facts = _run_facts(tmp_path / "runs")
+    assert facts["git_revision"] == "abc1234" and facts["llm_backbones"] == ["tiny-llama"]
+    assert facts["answer_reading"] == {"tjh/rl": "final_answer"}
