@@ -150,8 +150,9 @@ def shuffled_alignment(
         for _ in range(n_permutations)
     ])  # [n_permutations]
     low, high = percentile_interval(means)
-    return {"own": own, "shuffled": float(means.mean()), "shuffled_ci_low": low, "shuffled_ci_high": high,
-            "specific": own - float(means.mean()), "p": (1 + int((means >= own - 1e-12).sum())) / (1 + n_permutations)}  # fmt: skip
+    shuffled = float(means.mean())
+    return {"own": own, "shuffled": shuffled, "shuffled_ci_low": low, "shuffled_ci_high": high,
+            "specific": own - shuffled, "p": (1 + int((means >= own - 1e-12).sum())) / (1 + n_permutations)}  # fmt: skip
 
 
 CALIBRATION_BINS = 10
