@@ -24,8 +24,10 @@ into [ε_min, ε_max]; ε_low is fixed. The optional KL penalty to the stage-1 p
 its LoRA adapter disabled (no second copy): the stage-1 model is merged into the base first.
 
 Logged per step (``train/``): reward, r_cls, r_att, parse_rate (strict), entropy, key_entropy, eps_high,
-eps_high_min, eps_high_max, clip_low, clip_high, ratio, kl, completion_length, groups_kept, resample_rounds,
-steps (optimiser steps), lr, loss, grad_norm, step_time (seconds).
+eps_high_min, eps_high_max, clip_low, clip_high, ratio, kl, completion_length, groups_varied (the share of the
+rollout's groups, before any resampling, whose G rewards are not all equal: the others have zero advantage and teach
+nothing; near 0, the policy writes one answer for every completion), resample_rounds, steps (optimiser steps), lr,
+loss, grad_norm, step_time (seconds).
 After fit, with ``test_after_fit``, the trained policy answers the test patients (``test/auroc``, ...).
 Checkpoints hold the LoRA weights, the optimiser and (``eagrl.callbacks.RandomState``, which the CLI adds) the random state (``--ckpt_path last``
 resumes); the end of fit writes ``model/adapter`` and ``model/merged``.
@@ -434,18 +436,17 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
              float(rollout.n_tokens), float(len(rollout.completions)), float(n_groups)], dtype=torch.float64, device=self.device,
         )  # fmt: skip
         rounds, self._refill_tokens = 0, 0
+        # groups whose G rewards are not all equal: only these have a non-zero advantage, so a gradient (every variant)
+        varied = int(keep_varied_groups(rollout.rewards.view(n_groups, group)).sum())
         if self.hparams.dynamic_sampling:
-            first_kept = int(keep_varied_groups(rollout.rewards.view(n_groups, group)).sum())
             rollout, rounds = self.refill(rollout, batch)
-        else:
-            first_kept = n_groups
-        extra = [float(len(rollout.prompt_ids)), float(first_kept), float(rounds), float(self._refill_tokens)]
+        extra = [float(len(rollout.prompt_ids)), float(varied), float(rounds), float(self._refill_tokens)]
         sums = all_reduce(torch.cat([sums, sums.new_tensor(extra)])).tolist()
         reward, r_cls, r_att, parsed, tokens, completions, groups, kept, first, rounds_sum, refill_tokens = sums
         self.generated_tokens += int(tokens + refill_tokens)  # the same on every rank (reduced sums)
         logged = {
             "reward": reward / completions, "r_cls": r_cls / completions, "r_att": r_att / completions,
-            "parse_rate": parsed / completions, "completion_length": tokens / completions, "groups_kept": first / groups,
+            "parse_rate": parsed / completions, "completion_length": tokens / completions, "groups_varied": first / groups,
             "resample_rounds": rounds_sum / max(self.trainer.world_size, 1),
         }  # fmt: skip
         if kept > 0:  # else every group of every rank had equal rewards: nothing to learn (the same on all ranks)

@@ -732,16 +732,22 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     lines.append("| ConCare | not applicable | not applicable | (its inputs are MIMIC-IV feature columns; TJH has other features) |")
     lines += ["", "## RL training: did the reward move beyond its noise?", "",
               "Per RL run: the mean training reward of the first 5 and the last 5 rollouts, the difference, its standard error "
-              "and z = difference / SE (|z| >= 2: a trend beyond the rollouts' noise). Curves: `rl_curves_<dataset>.png`.", "",
-              "| dataset | variant | rollouts | first 5 | last 5 | difference ± SE | z |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "and z = difference / SE (|z| >= 2: a trend beyond the rollouts' noise). Curves: `rl_curves_<dataset>.png`. "
+              "Groups with one reward: the share of the rollouts' groups whose G completions all scored the same, in the first "
+              "5 and the last 5 rollouts (`train/groups_varied`). Such a group has zero advantage and teaches nothing; a last "
+              "share near 100% is a policy that writes one answer for everyone, which RL cannot undo.", "",
+              "| dataset | variant | rollouts | first 5 | last 5 | difference ± SE | z | groups with one reward, first 5 → last 5 |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     titles = {key: title for key, title, *_ in ALL_COLUMNS}
     for key, variants in results.get("reward_trends", {}).items():
         for row, t in variants.items():
             if t is None:
-                lines.append(f"| {titles[key]} | {row} | < 10 | — | — | — | — |")
+                lines.append(f"| {titles[key]} | {row} | < 10 | — | — | — | — | — |")
             else:
+                flat = t.get("flat")
+                flat = f"{100 * flat['first']:.0f}% → {100 * flat['last']:.0f}%" if flat else "not logged"
                 lines.append(f"| {titles[key]} | {row} | {t['rollouts']} | {t['first']:.3f} | {t['last']:.3f} | "
-                             f"{t['difference']:+.3f} ± {t['se']:.3f} | {t['z']:+.1f} |")  # fmt: skip
+                             f"{t['difference']:+.3f} ± {t['se']:.3f} | {t['z']:+.1f} | {flat} |")  # fmt: skip
     lines += ["", "## Calibration", "",
               "Brier score (mean squared error of ŷ) and expected calibration error (ECE: the patient-weighted mean gap between "
               "ŷ and the observed share of deaths over 10 equal-width bins of ŷ), lower is better, on every test patient "
@@ -985,8 +991,19 @@ def reward_trend(rewards: list[float], window: int = 5) -> Optional[dict[str, fl
             "z": diff / se if se > 0 else (math.inf if diff > 0 else -math.inf if diff < 0 else 0.0)}  # fmt: skip
 
 
+def flat_groups(varied: list[float], window: int = 5) -> Optional[dict[str, float]]:
+    """The share of rollout groups whose G rewards were all equal (zero advantage: no gradient), from a run's
+    ``train/groups_varied`` curve: its mean over the first and the last ``window`` rollouts. A last share near 1 is a
+    collapse that RL cannot undo: the policy writes one answer for every completion, so nothing moves it back. None
+    with fewer than ``2 * window`` rollouts."""
+    if len(varied) < 2 * window:
+        return None
+    return {"first": 1 - sum(varied[:window]) / window, "last": 1 - sum(varied[-window:]) / window}
+
+
 def reward_trends(runs: Path) -> dict[str, dict[str, Optional[dict[str, float]]]]:
-    """Per dataset, per RL variant (with its extra seeds): ``reward_trend`` of its ``train/reward`` curve."""
+    """Per dataset, per RL variant (with its extra seeds): ``reward_trend`` of its ``train/reward`` curve, with
+    ``flat_groups`` under ``flat`` where the run logged ``train/groups_varied``."""
     out: dict[str, dict[str, Optional[dict[str, float]]]] = {}
     for key, _, folder, suffix in ALL_COLUMNS:
         for row, name in RL_VARIANTS:
@@ -994,7 +1011,11 @@ def reward_trends(runs: Path) -> dict[str, dict[str, Optional[dict[str, float]]]
                 rows = _metrics_csv(run)
                 if rows:
                     label = row if run.name == f"{name}{suffix}" else f"{row} ({run.name.rsplit('_', 1)[1]})"
-                    out.setdefault(key, {})[label] = reward_trend([float(r["train/reward"]) for r in rows])
+                    trend = reward_trend([float(r["train/reward"]) for r in rows])
+                    varied = [float(r["train/groups_varied"]) for r in rows if r.get("train/groups_varied") not in (None, "", "nan")]
+                    if trend is not None and len(varied) == len(rows):
+                        trend["flat"] = flat_groups(varied)
+                    out.setdefault(key, {})[label] = trend
     return out
 
 
@@ -1002,6 +1023,7 @@ RL_PANELS = [  # (metrics.csv column, title); ε(τ) is drawn with the spread of
     ("train/reward", "reward"), ("train/r_cls", "R_cls"), ("train/r_att", "R_att"), ("train/parse_rate", "strict parse rate"),
     ("train/key_entropy", "key-token entropy"), ("train/eps_high", "ε(τ) (upper clip), min-max shaded"),
     ("train/clip_high", "clipped high (fraction)"), ("train/clip_low", "clipped low (fraction)"),
+    ("train/groups_varied", "groups with varied rewards (share)"),
 ]  # fmt: skip
 
 
@@ -1014,7 +1036,7 @@ def _plot_rl(runs: Path, out: Path) -> list[str]:
         series = [(row, rows) for row, rows in series if rows]
         if not series:
             continue
-        figure, axes = plt.subplots(2, 4, figsize=(18, 7))
+        figure, axes = plt.subplots(3, 3, figsize=(15, 10.5))
         for axis, (column, label) in zip(axes.flat, RL_PANELS):
             for row, rows in series:
                 points = [(k, float(r[column])) for k, r in enumerate(rows) if r.get(column) not in (None, "", "nan")]

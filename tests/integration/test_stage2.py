@@ -33,9 +33,9 @@ def test_rl_fit_then_resume(tmp_path, tjh_expert, session_cache):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for name in ("train/reward", "train/r_cls", "train/r_att", "train/parse_rate", "train/entropy", "train/clip_low",
                  "train/clip_high", "train/kl", "train/completion_length", "train/step_time", "train/eps_high", "test/auroc",
-                 "train/logp_mismatch"):  # fmt: skip
+                 "train/logp_mismatch", "train/groups_varied"):  # fmt: skip
         assert name in metrics, name
-    assert 0.2 <= metrics["train/eps_high"] <= 0.4
+    assert 0.2 <= metrics["train/eps_high"] <= 0.4 and 0.0 <= metrics["train/groups_varied"] <= 1.0
     assert 0.0 <= metrics["train/logp_mismatch"] < 1e-3  # fp32 sampler and training forward: the same numbers
     assert metrics["generation"]["rollout_batch_size"] >= 1
     assert metrics["train/steps"] == 2  # 2 patients x G = 3 in mini-batches of 3: 2 optimiser steps per rollout

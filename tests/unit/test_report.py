@@ -157,7 +157,7 @@ def test_ablation_rows_share_the_subset_and_the_stage1_and_synthetic_sections(tm
 
 
 def test_reward_trend_and_second_seeds(tmp_path):
-    from eagrl.evaluation.report import reward_trend
+    from eagrl.evaluation.report import flat_groups, reward_trend
 
     flat = reward_trend([0.1, 0.2, 0.1, 0.2, 0.1] * 2)
     assert flat["difference"] == pytest.approx(0.0) and abs(flat["z"]) < 1e-9
@@ -166,6 +166,8 @@ def test_reward_trend_and_second_seeds(tmp_path):
     se = (torch.tensor(first).var() / 5 + torch.tensor(last).var() / 5).sqrt().item()
     assert rising["difference"] == pytest.approx(0.42) and rising["se"] == pytest.approx(se) and rising["z"] == pytest.approx(0.42 / se)
     assert reward_trend([0.1] * 9) is None  # too short to tell
+    assert flat_groups([1.0] * 5 + [0.5, 0.5, 0.0, 0.0, 0.0]) == pytest.approx({"first": 0.0, "last": 0.8})
+    assert flat_groups([1.0] * 9) is None
 
     runs = tmp_path / "runs"
     _run(runs / "tjh" / "rl", 1)
@@ -182,6 +184,24 @@ def test_reward_trend_and_second_seeds(tmp_path):
     assert seed1["vs_main"] == pytest.approx({"patients": 8, **direct}) and seed1["yhat_differ"] == 1.0
     row = next(line for line in text.splitlines() if line.startswith("| TJH mortality | EAG-RL | 1 |"))
     assert f"{100 * direct['delta_auroc']:+.1f} [" in row and row.endswith("| 100% |")
+
+
+def test_reward_trend_reports_the_groups_that_carried_no_signal(tmp_path):
+    """A run that logs train/groups_varied: the report gives the share of groups with one reward, first and last 5
+    rollouts; a run that does not log it says so."""
+    runs = tmp_path / "runs"
+    for name, varied in (("rl", [1.0] * 5 + [0.5] * 5 + [0.0] * 2), ("rl_grpo", None)):
+        logs = runs / "tjh" / name / "logs/version_0"
+        logs.mkdir(parents=True)
+        header = "epoch,step,train/reward" + (",train/groups_varied" if varied else "")
+        rows = [f"0,{k},{0.1 * k}" + (f",{varied[k]}" if varied else "") for k in range(12)]
+        (logs / "metrics.csv").write_text("\n".join([header, *rows]) + "\n")
+    results = build(runs, tmp_path / "results")
+    assert results["reward_trends"]["tjh"]["EAG-RL"]["flat"] == pytest.approx({"first": 0.0, "last": 1 - (0.5 * 3) / 5})
+    assert "flat" not in results["reward_trends"]["tjh"]["GRPO"]
+    text = (tmp_path / "results" / "results.md").read_text()
+    assert next(line for line in text.splitlines() if line.startswith("| TJH mortality | EAG-RL | 12 |")).endswith("| 0% → 70% |")
+    assert next(line for line in text.splitlines() if line.startswith("| TJH mortality | GRPO | 12 |")).endswith("| not logged |")
 
 
 def _direct_calibration(probs: list[float], labels: list[int]) -> tuple[float, float]:
