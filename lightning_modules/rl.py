@@ -25,8 +25,8 @@ its LoRA adapter disabled (no second copy): the stage-1 model is merged into the
 
 Logged per step (``train/``): reward, r_cls, r_att, parse_rate (strict), entropy, key_entropy, eps_high,
 eps_high_min, eps_high_max, clip_low, clip_high, ratio, kl, completion_length, groups_varied (the share of the
-rollout's groups, before any resampling, whose G rewards are not all equal: the others have zero advantage and teach
-nothing; near 0, the policy writes one answer for every completion), resample_rounds, steps (optimiser steps), lr,
+rollout's groups, before any resampling, whose G rewards are not all equal: the others have zero advantage, so the
+reward teaches them nothing; near 0, every completion scores alike: one answer for all, or none parsed), resample_rounds, steps (optimiser steps), lr,
 loss, grad_norm, step_time (seconds).
 After fit, with ``test_after_fit``, the trained policy answers the test patients (``test/auroc``, ...).
 Checkpoints hold the LoRA weights, the optimiser and (``eagrl.callbacks.RandomState``, which the CLI adds) the random state (``--ckpt_path last``
@@ -449,7 +449,7 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
             "parse_rate": parsed / completions, "completion_length": tokens / completions, "groups_varied": first / groups,
             "resample_rounds": rounds_sum / max(self.trainer.world_size, 1),
         }  # fmt: skip
-        if kept > 0:  # else every group of every rank had equal rewards: nothing to learn (the same on all ranks)
+        if kept > 0:  # 0 only under DAPO, when every group of every rank had equal rewards: nothing to learn (the same on all ranks)
             # gradients are summed by the update itself (its loss is a share of the global token mean), not by DDP
             block = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
             with block():

@@ -734,8 +734,9 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
               "Per RL run: the mean training reward of the first 5 and the last 5 rollouts, the difference, its standard error "
               "and z = difference / SE (|z| >= 2: a trend beyond the rollouts' noise). Curves: `rl_curves_<dataset>.png`. "
               "Groups with one reward: the share of the rollouts' groups whose G completions all scored the same, in the first "
-              "5 and the last 5 rollouts (`train/groups_varied`). Such a group has zero advantage and teaches nothing; a last "
-              "share near 100% is a policy that writes one answer for everyone, which RL cannot undo.", "",
+              "5 and the last 5 rollouts (`train/groups_varied`). Such a group has zero advantage, so the reward teaches it nothing; "
+              "a last share near 100% is a policy whose completions all score alike (one answer for every completion, or none "
+              "parsed), which the reward alone no longer moves.", "",
               "| dataset | variant | rollouts | first 5 | last 5 | difference ± SE | z | groups with one reward, first 5 → last 5 |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     titles = {key: title for key, title, *_ in ALL_COLUMNS}
@@ -992,26 +993,26 @@ def reward_trend(rewards: list[float], window: int = 5) -> Optional[dict[str, fl
 
 
 def flat_groups(varied: list[float], window: int = 5) -> Optional[dict[str, float]]:
-    """The share of rollout groups whose G rewards were all equal (zero advantage: no gradient), from a run's
-    ``train/groups_varied`` curve: its mean over the first and the last ``window`` rollouts. A last share near 1 is a
-    collapse that RL cannot undo: the policy writes one answer for every completion, so nothing moves it back. None
-    with fewer than ``2 * window`` rollouts."""
+    """The share of rollout groups whose G rewards were all equal (zero advantage: no gradient from the reward, only
+    from a KL term), from a run's ``train/groups_varied`` curve: its mean over the first and the last ``window``
+    rollouts. A last share near 1 is a policy whose completions all score alike: one answer for every completion, or
+    none parsed. None with fewer than ``2 * window`` rollouts."""
     if len(varied) < 2 * window:
         return None
     return {"first": 1 - sum(varied[:window]) / window, "last": 1 - sum(varied[-window:]) / window}
 
 
-def reward_trends(runs: Path) -> dict[str, dict[str, Optional[dict[str, float]]]]:
+def reward_trends(runs: Path) -> dict[str, dict[str, Optional[dict[str, Any]]]]:
     """Per dataset, per RL variant (with its extra seeds): ``reward_trend`` of its ``train/reward`` curve, with
     ``flat_groups`` under ``flat`` where the run logged ``train/groups_varied``."""
-    out: dict[str, dict[str, Optional[dict[str, float]]]] = {}
+    out: dict[str, dict[str, Optional[dict[str, Any]]]] = {}
     for key, _, folder, suffix in ALL_COLUMNS:
         for row, name in RL_VARIANTS:
             for run in [runs / folder / f"{name}{suffix}", *sorted((runs / folder).glob(f"{name}{suffix}_seed*"))]:
                 rows = _metrics_csv(run)
                 if rows:
                     label = row if run.name == f"{name}{suffix}" else f"{row} ({run.name.rsplit('_', 1)[1]})"
-                    trend = reward_trend([float(r["train/reward"]) for r in rows])
+                    trend: Optional[dict[str, Any]] = reward_trend([float(r["train/reward"]) for r in rows])
                     varied = [float(r["train/groups_varied"]) for r in rows if r.get("train/groups_varied") not in (None, "", "nan")]
                     if trend is not None and len(varied) == len(rows):
                         trend["flat"] = flat_groups(varied)

@@ -295,6 +295,32 @@ def test_dynamic_sampling_refills_the_batch(monkeypatch):
     assert module._refill_tokens == sum(2 * len(extra) for extra in calls[1:])  # resampled tokens count against the budget
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_training_step_logs_the_share_of_groups_with_varied_rewards(monkeypatch, dynamic):
+    """train/groups_varied: of the rollout's first-round groups, the share whose G rewards are not all equal (the
+    groups with a non-zero advantage), for GRPO-like variants and for DAPO (before its refill) alike."""
+    import lightning_modules.rl as rl
+
+    module = _module(group_size=2, dynamic_sampling=dynamic, resample_rounds=0)
+    rewards = torch.tensor([0.5, 0.5, 1.0, 0.0, -1.0, -1.0, 0.2, 0.3])  # groups 0 and 2 flat, 1 and 3 varied
+    flags = torch.ones(8, dtype=torch.bool)
+    rollout = Rollout([[1]] * 4, [[1]] * 8, [""] * 8, rewards, rewards, rewards, flags, group_advantages(rewards.view(4, 2)).flatten(), [[False]] * 8, 2)
+    monkeypatch.setattr(module, "rollout", lambda batch: rollout)
+    monkeypatch.setattr(module, "refill", lambda r, batch: (r.select_groups(torch.tensor([False, True, False, True])), 0))
+    monkeypatch.setattr(rl, "optimise", lambda *args, **kwargs: {})
+    for name in ("update_config", "_loss", "_linear_loss"):  # made by configure_model; the update itself is not under test
+        monkeypatch.setattr(module, name, None, raising=False)
+    monkeypatch.setattr(module, "optimizers", lambda: SimpleNamespace(param_groups=[{"lr": 1.0}]))
+    monkeypatch.setattr(module, "lr_schedulers", lambda: SimpleNamespace(step=lambda: None))
+    logged = {}
+    monkeypatch.setattr(module, "log_dict", lambda values, **kwargs: logged.update(values))
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    module._trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace(), should_stop=False)
+    module.training_step({"id": ["a", "b", "c", "d"]}, 0)
+    assert logged["train/groups_varied"] == pytest.approx(0.5)
+    assert logged["train/reward"] == pytest.approx(float(rewards.mean()))  # the first-round rollout's mean
+
+
 def test_init_adapter_is_merged_so_the_kl_reference_is_the_stage1_policy(tmp_path):
     from peft import get_peft_model, LoraConfig
 
