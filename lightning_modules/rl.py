@@ -26,8 +26,8 @@ its LoRA adapter disabled (no second copy): the stage-1 model is merged into the
 Logged per step (``train/``): reward, r_cls, r_att, parse_rate (strict), entropy, key_entropy, eps_high,
 eps_high_min, eps_high_max, clip_low, clip_high, ratio, kl, completion_length, groups_varied (the share of the
 rollout's groups, before any resampling, whose G rewards are not all equal: the others have zero advantage, so the
-reward teaches them nothing; near 0, every completion scores alike: one answer for all, or none parsed), resample_rounds, steps (optimiser steps), lr,
-loss, grad_norm, step_time (seconds).
+reward teaches them nothing; near 0, every completion scores alike: one answer for all, or none parsed),
+resample_rounds, steps (optimiser steps), lr, loss, grad_norm, step_time (seconds).
 After fit, with ``test_after_fit``, the trained policy answers the test patients (``test/auroc``, ...).
 Checkpoints hold the LoRA weights, the optimiser and (``eagrl.callbacks.RandomState``, which the CLI adds) the random state (``--ckpt_path last``
 resumes); the end of fit writes ``model/adapter`` and ``model/merged``.

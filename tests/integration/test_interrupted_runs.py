@@ -26,8 +26,9 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, run_cli
 
 TOLERANCE = 1e-6
-# the LLM runs generate in float32 whatever the machine's load (under `auto` a resumed run could pick another dtype
-# from its start-up matmul benchmark than the uninterrupted one, and then nothing matches)
+# the LLM runs generate in float32 whatever the machine's load: under `auto` each run picks its dtype from a start-up
+# matmul benchmark, so on a loaded machine two runs compared here (resumed and uninterrupted; in test_multiprocess,
+# 2 ranks and 1 process) can pick differently, and then nothing matches
 PINNED = ["--model.init_args.backbone.generation_dtype", "float32"]
 CONCARE = ["fit", "--config", "configs/tjh/concare.yaml", "--config", "configs/smoke/concare.yaml", "--trainer.max_epochs", "6"]
 DISTILL = [

@@ -27,17 +27,13 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli
-from tests.integration.test_interrupted_runs import run_and_kill
+from tests.integration.test_interrupted_runs import PINNED, run_and_kill  # PINNED: the LLM runs generate in float32
 
 TOLERANCE = 1e-6
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 # 138 of the 139 TJH train patients: an even count, so 2 ranks need no padding (a padded repeat is a real difference)
 CONCARE = ["--config", "configs/tjh/concare.yaml", "--config", "configs/smoke/concare.yaml", "--model.init_args.decov_weight", "0",
            "--data.init_args.train_patients", "138"]  # fmt: skip
-
-# the LLM runs generate in float32 whatever the machine's load: under `auto` each run picks its dtype from a start-up
-# matmul benchmark, and on a loaded machine the 1-process and the 2-rank runs can pick differently (then nothing matches)
-PINNED = ["--model.init_args.backbone.generation_dtype", "float32"]
 
 pytestmark = pytest.mark.slow
 
