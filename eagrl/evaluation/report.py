@@ -556,7 +556,37 @@ def _run_facts(runs: Path) -> dict[str, Any]:
             models.add(str(backbone["name"]))
     facts["llm_backbones"] = sorted(models)
     facts["answer_reading"] = answer_readings(runs)
+    facts["generation_dtype"] = generation_dtypes(runs)
     return facts
+
+
+def generation_dtypes(runs: Path) -> dict[str, str]:
+    """{run path under ``runs``: the dtype its LLM generated in} (``metrics.json``'s ``generation.dtype``). Under
+    ``generation_dtype: auto`` each process picks the faster dtype by a start-up timing, so two runs on a busy machine
+    can generate in different dtypes, and greedy answers can differ by the dtype alone: the report names such a mix."""
+    found: dict[str, str] = {}
+    for metrics in _files_named(runs, "metrics.json"):
+        try:
+            generation = json.loads(metrics.read_text()).get("generation")
+        except (json.JSONDecodeError, AttributeError):
+            continue  # an unreadable metrics.json is reported where its numbers are read
+        if isinstance(generation, dict) and generation.get("dtype"):
+            found[metrics.parent.relative_to(runs).as_posix()] = str(generation["dtype"])
+    return found
+
+
+def dtype_mix_text(dtypes: dict[str, str]) -> Optional[str]:
+    """The report's line on the runs' generation dtypes: one dtype for all, or the runs of each when they differ."""
+    if not dtypes:
+        return None
+    by_dtype: dict[str, list[str]] = {}
+    for run, dtype in sorted(dtypes.items()):
+        by_dtype.setdefault(dtype, []).append(run)
+    if len(by_dtype) == 1:
+        return f"- LLM generation in {next(iter(by_dtype))} for every run (`metrics.json` `generation.dtype`)"
+    runs_of = "; ".join(f"{dtype}: {', '.join(runs)}" for dtype, runs in sorted(by_dtype.items()))
+    return ("- **the LLM runs generated in different dtypes** (greedy answers can differ by the dtype alone; pin "
+            f"`--model.init_args.backbone.generation_dtype` to compare them): {runs_of}")
 
 
 def answer_readings(runs: Path) -> dict[str, str]:
@@ -626,6 +656,8 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     if readings:
         lines.append("- LLM answers: ŷ read from the `<Final Answer>` span the prompt asks for (no tag: unparsed, scored 0.5)"
                      + (f"; **read the older way (the last number anywhere, which takes echoed patient data for ŷ)**: {', '.join(older)}" if older else ""))
+    if dtype_mix_text(facts.get("generation_dtype") or {}):
+        lines.append(dtype_mix_text(facts["generation_dtype"]))
     if facts.get("not_carried"):
         lines.append(f"- not carried: {facts['not_carried']}")
     lines.append("")
@@ -1183,6 +1215,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     except EAGRLInputError as err:
         raise SystemExit(f"error: {err}") from None
     found = sum(c is not None for row in results["main"].values() for c in row.values())
+    if len(set((results["facts"].get("generation_dtype") or {}).values())) > 1:
+        print(f"warning: the LLM runs generated in different dtypes; see {args.out / 'results.md'}")
     print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {len(results['plots'])} plots ({found} main-table runs found)")
 
 

@@ -430,3 +430,28 @@ def test_run_facts_follow_symlinked_run_folders(tmp_path):
     facts = _run_facts(tmp_path / "runs")
     assert facts["git_revision"] == "abc1234" and facts["llm_backbones"] == ["tiny-llama"]
     assert facts["answer_reading"] == {"tjh/rl": "final_answer"}
+
+
+def test_report_names_runs_that_generated_in_different_dtypes(tmp_path, capsys):
+    """Under ``generation_dtype: auto`` a busy machine can tip two runs into different dtypes (greedy answers then
+    differ by the dtype alone): the report's header names each dtype's runs, and says nothing more when they agree."""
+    from eagrl.evaluation.report import main
+
+    runs = tmp_path / "runs"
+    for k, name in enumerate(["sft", "rl_grpo", "rl"]):
+        _run(runs / "tjh" / name, k)
+    for name, dtype in [("sft", "float32"), ("rl_grpo", "float32"), ("rl", "float32")]:
+        path = runs / "tjh" / name / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "generation": {"dtype": dtype, "dtype_choice": "auto"}}))
+    same = build(runs, tmp_path / "same")
+    assert same["facts"]["generation_dtype"] == {"tjh/rl": "float32", "tjh/rl_grpo": "float32", "tjh/sft": "float32"}
+    text = (tmp_path / "same" / "results.md").read_text()
+    assert "LLM generation in float32 for every run" in text and "different dtypes" not in text
+
+    path = runs / "tjh" / "rl" / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "generation": {"dtype": "bfloat16", "dtype_choice": "auto"}}))
+    main(["--runs", str(runs), "--out", str(tmp_path / "mixed")])
+    text = (tmp_path / "mixed" / "results.md").read_text()
+    assert "the LLM runs generated in different dtypes" in text
+    assert "bfloat16: tjh/rl; float32: tjh/rl_grpo, tjh/sft" in text
+    assert "warning: the LLM runs generated in different dtypes" in capsys.readouterr().out
