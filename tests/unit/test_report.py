@@ -49,8 +49,7 @@ def test_report_has_every_cell_and_reads_each_from_its_run(tmp_path):
         for p in SHUFFLED[1:]:
             _run(runs / "tjh" / f"robust/{name}_{p}", seed := seed + 1, with_predictions=False)
     _run(runs / "tjh" / "rl_no_att", seed + 1, with_predictions=False)
-    for _, name in CROSS:
-        _run(runs / "cross" / name, seed := seed + 1, with_predictions=False)
+    cross = {name: _run(runs / "cross" / name, seed := seed + 1, with_predictions=False) for _, name in CROSS}
 
     results = build(runs, tmp_path / "results")
     for (row, key), metrics in expected.items():
@@ -79,6 +78,9 @@ def test_report_has_every_cell_and_reads_each_from_its_run(tmp_path):
     window_row = next(line for line in text.splitlines() if line.startswith("| ConCare, observation window |"))
     assert f"{100 * expected[('ConCare, observation window', 'tjh')]['test/auroc']:.2f}" in window_row
     assert "(whole stay by definition)" in window_row
+    # the cross-dataset rows: their strict parse and R_att, beside the same method trained on TJH on as many patients
+    cross_eagrl = next(line for line in text.splitlines() if line.startswith("| EAG-RL |") and f"{100 * cross['rl']['test/auroc']:.2f}" in line)
+    assert f"{100 * cross['rl']['test/strict_parse_rate']:.0f}% | {100 * cross['rl']['test/r_att']:.1f} | {100 * tjh_eagrl['test/auroc']:.1f} [" in cross_eagrl
     for plot in ("roc_pr_tjh.png", "robustness.png", "cross_dataset.png", "rl_curves_tjh.png"):
         assert (tmp_path / "results" / plot).stat().st_size > 1000, plot
     assert json.loads((tmp_path / "results" / "results.json").read_text())["main"]["EAG-RL"]["tjh"]["patients"] == 8
@@ -430,6 +432,20 @@ def test_run_facts_follow_symlinked_run_folders(tmp_path):
     facts = _run_facts(tmp_path / "runs")
     assert facts["git_revision"] == "abc1234" and facts["llm_backbones"] == ["tiny-llama"]
     assert facts["answer_reading"] == {"tjh/rl": "final_answer"}
+
+
+def test_cross_rows_show_the_tjh_trained_method_only_on_as_many_patients(tmp_path):
+    """The generalisation table's "trained on TJH" column takes the ablation or robustness cell of the same method only
+    when it scored as many patients as the cross run (the fixed subset); a main run on the whole split shows "—"."""
+    from eagrl.evaluation.report import _on_tjh_text
+
+    results = {"ablation": {"EAG-RL (full)": {"auroc": 0.772, "auroc_ci": [0.69, 0.85], "patients": 100}, "without stage 2 (SFT only)": {"auroc": 0.45, "patients": 199}},
+               "robustness": {"Base LLM (Question Decomposition)": {"0": {"auroc": 0.5, "patients": 100}}}}  # fmt: skip
+    assert _on_tjh_text(results, "EAG-RL", {"patients": 100}) == "77.2 [69.0, 85.0]"
+    assert _on_tjh_text(results, "Base LLM (Question Decomposition)", {"patients": 100}) == "50.0"
+    assert _on_tjh_text(results, "SFT", {"patients": 100}) == "—"  # its cell scored the whole split, not the subset
+    assert _on_tjh_text(results, "EAG-RL", None) == "—"  # the cross run is missing
+    assert _on_tjh_text({}, "EAG-RL", {"patients": 100}) == "—"  # no TJH run
 
 
 def test_report_names_runs_that_generated_in_different_dtypes(tmp_path, capsys):
