@@ -16,8 +16,9 @@ Where each number comes from (``<runs>/<dataset>/<method><suffix>/``):
   a shuffled feature order in the text (``robust/<method>_<percent>``, on the ablations' subset; 0% is the main run,
   scored again on that subset once the subset's runs exist; ConCare reads one
   GRU per feature and is order-invariant by construction, so it has no numbers there); the cross-dataset table:
-  the MIMIC-IV-trained models tested on TJH (``cross/<method>``; ConCare is not applicable: its inputs are
-  dataset-specific feature columns);
+  the MIMIC-IV-trained models tested on TJH (``cross/<method>``, with their strict parse rate and R_att, beside the
+  same method trained on TJH on the same subset; ConCare is not applicable: its inputs are dataset-specific feature
+  columns);
 - calibration (Brier score, expected calibration error over 10 bins, ``calibration.png``'s reliability diagrams):
   the same per-patient predictions, on every patient answered (an unparsed LLM answer counts as ŷ = 0.5, as in the
   metrics);
@@ -661,8 +662,8 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     if readings:
         lines.append("- LLM answers: ŷ read from the `<Final Answer>` span the prompt asks for (no tag: unparsed, scored 0.5)"
                      + (f"; **read the older way (the last number anywhere, which takes echoed patient data for ŷ)**: {', '.join(older)}" if older else ""))
-    if dtype_mix_text(facts.get("generation_dtype") or {}):
-        lines.append(dtype_mix_text(facts["generation_dtype"]))
+    if dtypes := dtype_mix_text(facts.get("generation_dtype") or {}):
+        lines.append(dtypes)
     if facts.get("not_carried"):
         lines.append(f"- not carried: {facts['not_carried']}")
     lines.append("")
