@@ -29,7 +29,9 @@ Where each number comes from (``<runs>/<dataset>/<method><suffix>/``):
   the test rows of ConCare's ``expert_attention.jsonl``); RL curves: the runs' ``logs/*/metrics.csv``.
 
 A run that is missing shows "—" (not run); a metric that is undefined (one outcome among the patients
-answered) shows "n/a".
+answered) shows "n/a". A run that has started and not ended (its ``run_info.json`` without a newer ``metrics.json``:
+a stage still running, or one killed) is read as missing, and the report's header names it, so a report built
+while ``make reproduce`` runs never shows half a search or half a training curve as a result.
 """
 
 from __future__ import annotations
@@ -143,9 +145,9 @@ def _number(value: Any) -> Optional[float]:
 
 
 def read_cell(run: Path) -> Optional[Cell]:
-    """The test metrics of one run directory, or None when it has no ``metrics.json``."""
+    """The test metrics of one run directory, or None when it has no ``metrics.json`` or has not ended (``is_unfinished``)."""
     path = run / "metrics.json"
-    if not path.is_file():
+    if not path.is_file() or is_unfinished(run):
         return None
     metrics = json.loads(path.read_text())
     patients = _number(metrics.get("test/samples"))
@@ -175,7 +177,10 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _test_rows(run: Path) -> Optional[list[tuple[Optional[str], float, int]]]:
-    """(id or None, ŷ, label) of the test patients of a run, or None. Unparsed answers count as 0.5, as in the metrics."""
+    """(id or None, ŷ, label) of the test patients of a run, or None (also while it runs). Unparsed answers count as 0.5,
+    as in the metrics."""
+    if is_unfinished(run):
+        return None
     if (run / "generations.jsonl").is_file():
         rows = [r for r in _jsonl(run / "generations.jsonl") if r.get("split", "test") == "test"]
         return [(r.get("id"), r["y_hat"] if r["y_hat"] is not None else 0.5, int(r["label"])) for r in rows]
@@ -259,7 +264,7 @@ def answer_profile(run: Path) -> Optional[dict[str, Any]]:
     model that answers more often for one outcome gets an AUROC away from 0.5 from its answering alone; these say
     whether it did."""
     path = run / "generations.jsonl"
-    if not path.is_file():
+    if not path.is_file() or is_unfinished(run):
         return None
     rows = [r for r in _jsonl(path) if r.get("split", "test") == "test"]
     if not rows:
@@ -490,11 +495,26 @@ def ablation_paired(runs: Path, subset: Optional[list[str]], n_bootstrap: int = 
     return {f"{row} − {FULL_ABLATION_ROW}": paired_on_shared(on_subset(name), full, n_bootstrap, seed) for row, name in ABLATIONS[1:]}
 
 
+def is_unfinished(run: Path) -> bool:
+    """Whether the stage in ``run`` was started and has not ended: its ``run_info.json`` (written when a stage starts)
+    is there but its ``metrics.json`` (written when stage 1's search or an RL fit ends) is not, or is older. Such a
+    run's growing files (``trajectories.jsonl``, ``logs/*/metrics.csv``) are not read: they would be reported as if
+    the stage had ended."""
+    info, metrics = run / "run_info.json", run / "metrics.json"
+    return info.is_file() and (not metrics.is_file() or metrics.stat().st_mtime < info.stat().st_mtime)
+
+
+def unfinished_runs(runs: Path) -> list[str]:
+    """The run directories under ``runs`` (as paths relative to it) whose stage has not ended (``is_unfinished``)."""
+    return sorted(p.parent.relative_to(runs).as_posix() for p in _files_named(runs, "run_info.json") if is_unfinished(p.parent))
+
+
 def stage1_summary(run: Path) -> Optional[dict[str, Any]]:
     """Aggregates of a distillation run (``trajectories.jsonl`` and its ``.done`` list): patients searched, patients
-    with a kept trajectory, kept trajectories, the share of those with R_att > 0 and their mean R_att. Counts only."""
+    with a kept trajectory, kept trajectories, the share of those with R_att > 0 and their mean R_att. Counts only.
+    None for a search still running (``is_unfinished``)."""
     path = run / "trajectories.jsonl"
-    if not path.is_file():
+    if not path.is_file() or is_unfinished(run):
         return None
     rows = _jsonl(path)
     done = run / "trajectories.jsonl.done"
@@ -563,6 +583,7 @@ def _run_facts(runs: Path) -> dict[str, Any]:
     facts["llm_backbones"] = sorted(models)
     facts["answer_reading"] = answer_readings(runs)
     facts["generation_dtype"] = generation_dtypes(runs)
+    facts["unfinished"] = unfinished_runs(runs)
     return facts
 
 
@@ -666,6 +687,8 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
         lines.append(dtypes)
     if facts.get("not_carried"):
         lines.append(f"- not carried: {facts['not_carried']}")
+    if facts.get("unfinished"):
+        lines.append(f"- **left out, still running or stopped before its end** (`run_info.json` without a newer `metrics.json`): {', '.join(facts['unfinished'])}")
     lines.append("")
     lines += ["AUROC and AUPRC x100: mean ± std over the bootstrap resamples of the test patients answered (the paper's form), "
               "then [2.5th, 97.5th percentile] of the same resamples, a 95% interval (n: how many patients; ConCare: the whole "
@@ -1027,8 +1050,9 @@ def _plot_cross(results: dict[str, Any], out: Path) -> list[str]:
 
 
 def _metrics_csv(run: Path) -> list[dict[str, str]]:
+    """The logged training rows of ``run`` (its latest ``logs/*/metrics.csv``); none while its fit is running."""
     files = sorted(run.glob("logs/*/metrics.csv"))
-    if not files:
+    if not files or is_unfinished(run):
         return []
     with open(files[-1], encoding="utf-8") as handle:
         return [r for r in csv.DictReader(handle) if r.get("train/reward")]
@@ -1240,6 +1264,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     except EAGRLInputError as err:
         raise SystemExit(f"error: {err}") from None
     found = sum(c is not None for row in results["main"].values() for c in row.values())
+    if results["facts"].get("unfinished"):
+        print(f"warning: left out, not ended: {', '.join(results['facts']['unfinished'])}")
     if len(set((results["facts"].get("generation_dtype") or {}).values())) > 1:
         print(f"warning: the LLM runs generated in different dtypes; see {args.out / 'results.md'}")
     print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {len(results['plots'])} plots ({found} main-table runs found)")

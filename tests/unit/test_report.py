@@ -471,3 +471,46 @@ def test_report_names_runs_that_generated_in_different_dtypes(tmp_path, capsys):
     assert "the LLM runs generated in different dtypes" in text
     assert "bfloat16: tjh/rl; float32: tjh/rl_grpo, tjh/sft" in text
     assert "warning: the LLM runs generated in different dtypes" in capsys.readouterr().out
+
+
+def test_a_run_that_has_not_ended_is_left_out_and_named(tmp_path):
+    """A stage that started (its ``run_info.json``) and has not written a newer ``metrics.json`` (still running, or
+    killed) is read as missing: no cell, no stage-1 summary, no reward trend; the header and the CLI name it. Once its
+    ``metrics.json`` is written after it, it is read."""
+    import os
+
+    from eagrl.evaluation.report import main
+
+    runs = tmp_path / "runs"
+    _run(runs / "tjh" / "rl", 1)  # a rerun in progress over an older finished one: metrics.json older than run_info.json
+    _run(runs / "tjh" / "rl_grpo", 2)  # ended: metrics.json newer than run_info.json
+    for name, age in (("rl", 0), ("rl_grpo", 100)):
+        info = runs / "tjh" / name / "run_info.json"
+        info.write_text(json.dumps({"stage": "fit"}))
+        os.utime(info, (info.stat().st_mtime - age,) * 2)
+        os.utime(runs / "tjh" / name / "metrics.json", (info.stat().st_mtime - 50,) * 2)
+    (runs / "tjh" / "rl_grpo" / "metrics.json").touch()
+    for k in range(10):  # enough rollouts for a trend
+        with open(next((runs / "tjh" / "rl_grpo" / "logs").glob("*/metrics.csv")), "a") as handle:
+            handle.write(f"0,{3 + k},{0.1 * k},0.5,0.1,0.0\n")
+    distill = runs / "tjh" / "distill"  # stage 1 still searching: trajectories.jsonl grows, no metrics.json yet
+    distill.mkdir(parents=True)
+    (distill / "run_info.json").write_text(json.dumps({"stage": "predict"}))
+    (distill / "trajectories.jsonl").write_text(json.dumps({"id": "a", "label": 1, "y_hat": 0.8, "r_att": 0.5}) + "\n")
+
+    results = build(runs, tmp_path / "results")
+    assert results["facts"]["unfinished"] == ["tjh/distill", "tjh/rl"]
+    assert results["main"]["EAG-RL"]["tjh"] is None and results["main"]["GRPO"]["tjh"] is not None
+    assert results["stage1"]["tjh"] is None
+    assert "EAG-RL" not in results["reward_trends"]["tjh"] and results["reward_trends"]["tjh"]["GRPO"]["rollouts"] == 13
+    assert results["paired"]["tjh"]["EAG-RL − GRPO"] is None
+    header = (tmp_path / "results" / "results.md").read_text().split("\n## ")[0]
+    assert "left out, still running or stopped before its end" in header and "tjh/distill, tjh/rl" in header
+
+    (distill / "metrics.json").write_text(json.dumps({"generation": {"dtype": "float32"}}))  # the search ended
+    results = build(runs, tmp_path / "results")
+    assert results["facts"]["unfinished"] == ["tjh/rl"] and results["stage1"]["tjh"]["trajectories_kept"] == 1
+    (runs / "tjh" / "rl" / "metrics.json").touch()  # and so did the fit
+    main(["--runs", str(runs), "--out", str(tmp_path / "results")])
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert results["facts"]["unfinished"] == [] and results["main"]["EAG-RL"]["tjh"] is not None
