@@ -514,3 +514,11 @@ def test_a_run_that_has_not_ended_is_left_out_and_named(tmp_path):
     main(["--runs", str(runs), "--out", str(tmp_path / "results")])
     results = json.loads((tmp_path / "results" / "results.json").read_text())
     assert results["facts"]["unfinished"] == [] and results["main"]["EAG-RL"]["tjh"] is not None
+    results_before_rerun = results["main"]["EAG-RL"]["tjh"]
+    finished = tmp_path / "finished.json"
+    shutil.copy(tmp_path / "results" / "results.json", finished)
+    (runs / "tjh" / "rl" / "run_info.json").touch()  # EAG-RL runs again: its finished entries are carried meanwhile
+    os.utime(runs / "tjh" / "rl" / "metrics.json", (finished.stat().st_mtime - 10,) * 2)
+    results = build(runs, tmp_path / "results", previous=finished)
+    assert results["facts"]["unfinished"] == ["tjh/rl"] and results["main"]["EAG-RL"]["tjh"] == results_before_rerun
+    assert "main/EAG-RL/tjh" in [e["path"] for e in results["facts"]["carried_over"]["entries"]]
