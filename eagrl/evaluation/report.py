@@ -497,11 +497,24 @@ def ablation_paired(runs: Path, subset: Optional[list[str]], n_bootstrap: int = 
 
 def is_unfinished(run: Path) -> bool:
     """Whether the stage in ``run`` was started and has not ended: its ``run_info.json`` (written when a stage starts)
-    is there but its ``metrics.json`` (written when stage 1's search or an RL fit ends) is not, or is older. Such a
-    run's growing files (``trajectories.jsonl``, ``logs/*/metrics.csv``) are not read: they would be reported as if
-    the stage had ended."""
+    is there but its ``metrics.json`` (written when a search, a test or a fit ends) is not, or is older; or it is a fit
+    that tests after fitting (``test_after_fit``, in its ``config.yaml``) and its ``metrics.json`` holds no test metric
+    yet. Such a run's files (``trajectories.jsonl``, ``logs/*/metrics.csv``, a metrics.json of its training alone) are
+    not read: they would be reported as if the stage had ended."""
     info, metrics = run / "run_info.json", run / "metrics.json"
-    return info.is_file() and (not metrics.is_file() or metrics.stat().st_mtime < info.stat().st_mtime)
+    if not info.is_file():
+        return False
+    if not metrics.is_file() or metrics.stat().st_mtime < info.stat().st_mtime:
+        return True
+    try:
+        fit = json.loads(info.read_text()).get("command") == ["fit"]
+        tested = any(key.startswith("test/") for key in json.loads(metrics.read_text()))
+    except (json.JSONDecodeError, AttributeError):
+        return False  # an unreadable file is reported where its numbers are read
+    if not fit or tested or not (run / "config.yaml").is_file():
+        return False
+    init = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model") or {}).get("init_args") or {}
+    return bool(init.get("test_after_fit", False))
 
 
 def unfinished_runs(runs: Path) -> list[str]:

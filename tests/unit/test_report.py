@@ -493,23 +493,30 @@ def test_a_run_that_has_not_ended_is_left_out_and_named(tmp_path):
     for k in range(10):  # enough rollouts for a trend
         with open(next((runs / "tjh" / "rl_grpo" / "logs").glob("*/metrics.csv")), "a") as handle:
             handle.write(f"0,{3 + k},{0.1 * k},0.5,0.1,0.0\n")
+    for name, after in (("rl_dapo", "true"), ("rl_no_att", "false")):  # fits whose training ended: metrics.json of it alone
+        _run(runs / "tjh" / name, 3)
+        (runs / "tjh" / name / "run_info.json").write_text(json.dumps({"stage": "fit", "command": ["fit"]}))
+        (runs / "tjh" / name / "metrics.json").write_text(json.dumps({"train/reward": 0.1}))
+        (runs / "tjh" / name / "config.yaml").write_text(f"model:\n  init_args:\n    answer_reading: final_answer\n    test_after_fit: {after}\n")
     distill = runs / "tjh" / "distill"  # stage 1 still searching: trajectories.jsonl grows, no metrics.json yet
     distill.mkdir(parents=True)
     (distill / "run_info.json").write_text(json.dumps({"stage": "predict"}))
     (distill / "trajectories.jsonl").write_text(json.dumps({"id": "a", "label": 1, "y_hat": 0.8, "r_att": 0.5}) + "\n")
 
     results = build(runs, tmp_path / "results")
-    assert results["facts"]["unfinished"] == ["tjh/distill", "tjh/rl"]
+    assert results["facts"]["unfinished"] == ["tjh/distill", "tjh/rl", "tjh/rl_dapo"]  # DAPO: testing after its fit
+    assert "DAPO" not in results["reward_trends"]["tjh"] and "without R_att" in results["reward_trends"]["tjh"]  # read: no test after its fit
     assert results["main"]["EAG-RL"]["tjh"] is None and results["main"]["GRPO"]["tjh"] is not None
     assert results["stage1"]["tjh"] is None
     assert "EAG-RL" not in results["reward_trends"]["tjh"] and results["reward_trends"]["tjh"]["GRPO"]["rollouts"] == 13
     assert results["paired"]["tjh"]["EAG-RL − GRPO"] is None
     header = (tmp_path / "results" / "results.md").read_text().split("\n## ")[0]
-    assert "left out, still running or stopped before its end" in header and "tjh/distill, tjh/rl" in header
+    assert "left out, still running or stopped before its end" in header and "tjh/distill, tjh/rl, tjh/rl_dapo" in header
 
     (distill / "metrics.json").write_text(json.dumps({"generation": {"dtype": "float32"}}))  # the search ended
     results = build(runs, tmp_path / "results")
-    assert results["facts"]["unfinished"] == ["tjh/rl"] and results["stage1"]["tjh"]["trajectories_kept"] == 1
+    assert results["facts"]["unfinished"] == ["tjh/rl", "tjh/rl_dapo"] and results["stage1"]["tjh"]["trajectories_kept"] == 1
+    (runs / "tjh" / "rl_dapo" / "metrics.json").write_text(json.dumps({"train/reward": 0.1, "test/auroc": 0.5}))  # tested
     (runs / "tjh" / "rl" / "metrics.json").touch()  # and so did the fit
     main(["--runs", str(runs), "--out", str(tmp_path / "results")])
     results = json.loads((tmp_path / "results" / "results.json").read_text())
