@@ -4,7 +4,6 @@ short prompts, and an expert that attends to the rule's variables."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,89 +69,16 @@ def test_the_datamodule_serves_it_with_short_text(tmp_path):
     assert len(next(iter(small.train_dataloader()))["id"]) == 2 and len(next(iter(small.test_dataloader()))["id"]) == 8
 
 
-@pytest.fixture(scope="module")
-def synthetic_runs(tmp_path_factory, session_cache) -> Path:
-    """A runs root holding ``synthetic/concare``: the expert trained on the synthetic cohort (its real fit)."""
-    runs = tmp_path_factory.mktemp("runs")
-    result = run_cli("fit", "--config", "configs/tjh/concare.yaml", "--config", "configs/synthetic/cohort.yaml",
-                     "--trainer.default_root_dir", str(runs / "synthetic" / "concare"), cache=session_cache)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return runs
-
-
 @pytest.mark.slow
-def test_concare_attends_to_the_rule_variables(synthetic_runs):
+def test_concare_attends_to_the_rule_variables(tmp_path, session_cache):
     """The expert trained on the synthetic cohort puts most of its attention on the rule's variables for the patients
     who die (for survivors nothing is abnormal in the rule, and its attention has no reason to go there)."""
     from eagrl.evaluation.report import synthetic_check
 
-    assert json.loads((synthetic_runs / "synthetic" / "concare" / "metrics.json").read_text())["test/auroc"] > 0.85
-    expert = synthetic_check(synthetic_runs)["expert"]
-    assert expert["attention_on_rule_positives"] > 0.6
-
-
-def _warm_start(folder: Path, cache: Path, steps: int = 300) -> Path:
-    """The tiny random Llama, all its weights trained on the synthetic train patients' RL prompts (the decomposition
-    prompt) with a fixed answer that names two lab variables drawn at random and answers 0.5: a policy that writes the
-    strict format and names features without regard to the patient. (LoRA on the random tiny model cannot learn the
-    format: its tied 64-wide embeddings bound every logit; README, synthetic cohort.) Saved as a model directory."""
-    import random
-
-    from datamodules import EHRDataModule
-    from eagrl.llm.prompts import PromptFitter
-    from eagrl.llm.sft import sft_batch
-    from eagrl.models.backbone import embedded_tokenizer, tiny_random_llama
-    from lightning_modules.sft import completion_loss
-
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    dm = EHRDataModule(dataset="synthetic", text_style="compact", max_visits=1, progress=False, cache_dir=str(cache))
-    dm.setup()
-    tokenizer = embedded_tokenizer()
-    fit = PromptFitter(tokenizer, 1800, dm.dataset, dm.question, "decomposition", 2, True)
-    prompts = [fit(dm.datasets["train"], i)[0] for i in range(len(dm.datasets["train"]))]
-    model = tiny_random_llama(tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):  # loss 10.8 -> ~0.33 (the two names' draw is what is left)
-        chosen = [rng.randrange(len(prompts)) for _ in range(8)]
-        answers = [f"<Important Features> {', '.join(rng.sample(LAB_NAMES, 2))}\n<Final Answer> 0.5" for _ in chosen]
-        loss = completion_loss(model, sft_batch(tokenizer, [prompts[i] for i in chosen], answers))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.mark.slow
-def test_eag_rl_on_the_synthetic_cohort_learns_to_name_the_experts_features(synthetic_runs, tmp_path, session_cache):
-    """Stage 2 (the RL LightningModule, EAG-RL's reward and clip) with the real synthetic expert, from a tiny policy that
-    names features at random: over 32 rollouts its training R_att rises by more than 2 standard errors (the last 5
-    rollouts' mean against the first 5's, the report's ``reward_trend``).
-
-    The issue asks this of the total reward. It is not asserted: in every setting measured (README, synthetic cohort)
-    the total reward stayed within its noise while R_att rose, because an unparsed completion costs λ log 0.01 ≈ −2.8
-    and the alignment term gains at most (1 − λ) ΔR_att ≈ 0.03, so the few percent of sampled completions that leave the format
-    after some updates cancel it."""
-    from eagrl.evaluation.report import _metrics_csv, reward_trend
-
-    start = _warm_start(tmp_path / "start", session_cache)
-    run = tmp_path / "rl"
-    result = run_cli(
-        "fit", "--config", "configs/tjh/rl.yaml", "--config", "configs/synthetic/cohort.yaml", "--config", "configs/smoke/rl.yaml",
-        "--model.init_args.backbone.name", str(start),
-        "--model.init_args.backbone.lora.target_modules", "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]",
-        "--model.init_args.expert_attention", str(synthetic_runs / "synthetic" / "concare" / "expert_attention.jsonl"),
-        "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "16",
-        "--data.init_args.train_patients", "64", "--data.init_args.batch_size", "4",  # 16 rollouts an epoch
-        "--model.init_args.group_size", "8", "--model.init_args.rollout_batch_size", "32", "--model.init_args.mini_batch_size", "8",
-        "--model.init_args.rollout_sampling.max_new_tokens", "24", "--model.init_args.rollout_sampling.temperature", "0.7",
-        "--model.init_args.sampling.max_new_tokens", "24", "--model.init_args.lr", "0.003",
-        cache=session_cache,
-    )  # fmt: skip
+    run = tmp_path / "synthetic" / "concare"
+    result = run_cli("fit", "--config", "configs/tjh/concare.yaml", "--config", "configs/synthetic/cohort.yaml",
+                     "--trainer.default_root_dir", str(run), cache=session_cache)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = _metrics_csv(run)
-    assert len(rows) == 32
-    r_att = reward_trend([float(r["train/r_att"]) for r in rows])
-    assert r_att["z"] > 2 and r_att["last"] > 1.5 * r_att["first"], r_att
+    assert json.loads((run / "metrics.json").read_text())["test/auroc"] > 0.85
+    expert = synthetic_check(tmp_path)["expert"]
+    assert expert["attention_on_rule_positives"] > 0.6
