@@ -29,8 +29,8 @@ Where each number comes from (``<runs>/<dataset>/<method><suffix>/``):
   the test rows of ConCare's ``expert_attention.jsonl``); RL curves: the runs' ``logs/*/metrics.csv``.
 
 A run that is missing shows "—" (not run); a metric that is undefined (one outcome among the patients
-answered) shows "n/a". A run that has started and not ended (its ``run_info.json`` without a newer ``metrics.json``:
-a stage still running, or one killed) is read as missing, and the report's header names it, so a report built
+answered) shows "n/a". A run that has started and not ended (``is_unfinished``: its ``run_info.json`` without a newer
+``metrics.json``, or a fit not yet tested; a stage still running, or one killed) is read as missing, and the report's header names it, so a report built
 while ``make reproduce`` runs never shows half a search or half a training curve as a result.
 """
 
@@ -513,7 +513,10 @@ def is_unfinished(run: Path) -> bool:
         return False  # an unreadable file is reported where its numbers are read
     if not fit or tested or not (run / "config.yaml").is_file():
         return False
-    init = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model") or {}).get("init_args") or {}
+    try:
+        init = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model") or {}).get("init_args") or {}
+    except (yaml.YAMLError, AttributeError):
+        return False
     return bool(init.get("test_after_fit", False))
 
 
@@ -701,7 +704,7 @@ def markdown(results: dict[str, Any], facts: dict[str, Any]) -> str:
     if facts.get("not_carried"):
         lines.append(f"- not carried: {facts['not_carried']}")
     if facts.get("unfinished"):
-        lines.append(f"- **left out, still running or stopped before its end** (`run_info.json` without a newer `metrics.json`): {', '.join(facts['unfinished'])}")
+        lines.append(f"- **left out, still running or stopped before its end** (`run_info.json` without a newer `metrics.json`, or a fit not yet tested): {', '.join(facts['unfinished'])}")
     lines.append("")
     lines += ["AUROC and AUPRC x100: mean ± std over the bootstrap resamples of the test patients answered (the paper's form), "
               "then [2.5th, 97.5th percentile] of the same resamples, a 95% interval (n: how many patients; ConCare: the whole "
