@@ -144,12 +144,20 @@ def _number(value: Any) -> Optional[float]:
     return number if math.isfinite(number) else None
 
 
-def read_cell(run: Path) -> Optional[Cell]:
-    """The test metrics of one run directory, or None when it has no ``metrics.json`` or has not ended (``is_unfinished``)."""
+def _metrics_of(run: Path) -> Optional[dict[str, Any]]:
+    """The parsed ``metrics.json`` of a run, or None when it has none or has not ended (``is_unfinished``): the one
+    reader of a run's metrics, so every table leaves out the same runs."""
     path = run / "metrics.json"
     if not path.is_file() or is_unfinished(run):
         return None
-    metrics = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def read_cell(run: Path) -> Optional[Cell]:
+    """The test metrics of one run directory, or None when it has no ``metrics.json`` or has not ended (``is_unfinished``)."""
+    metrics = _metrics_of(run)
+    if metrics is None:
+        return None
     patients = _number(metrics.get("test/samples"))
     if patients is None and (run / "expert_attention.jsonl").is_file():  # ConCare: the whole test split
         patients = sum(1 for r in _jsonl(run / "expert_attention.jsonl") if r.get("split") == "test")
@@ -158,7 +166,7 @@ def read_cell(run: Path) -> Optional[Cell]:
         return None if low is None or high is None else [low, high]
 
     return Cell(
-        source=str(path),
+        source=str(run / "metrics.json"),
         auroc=_number(metrics.get("test/auroc")),
         auroc_std=_number(metrics.get("test/auroc_std")),
         auprc=_number(metrics.get("test/auprc")),
@@ -378,8 +386,7 @@ def subgroup_table(runs: Path) -> dict[str, dict[str, dict[str, dict[str, Any]]]
     table: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for key, _, folder, suffix in COLUMNS:
         for row, name in MAIN:
-            path = runs / folder / f"{name}{suffix}" / "metrics.json"
-            metrics = json.loads(path.read_text()) if path.is_file() else {}
+            metrics = _metrics_of(runs / folder / f"{name}{suffix}") or {}
             if f"test/subgroup_{SUBGROUPS[0][0]}_patients" not in metrics:
                 continue
             table.setdefault(key, {})[row] = {
