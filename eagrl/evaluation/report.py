@@ -1171,8 +1171,9 @@ def carry_over(current: dict[str, Any], previous: dict[str, Any]) -> list[str]:
 
     Entries are taken whole, never mixed with a fresh one: a main-table cell where this run is absent; what is computed
     from one run (its answers, calibration, subgroups, reward trend, seed runs) only with that run's cell; a paired
-    difference or answer difference only when both its runs are taken; the synthetic section, the ablation table and
-    the robustness table only as a whole, when none of their own runs is here."""
+    difference or answer difference only when both its runs are taken; a robustness cell (one shuffled run) where its
+    run is absent; the synthetic section and the ablation table (with its paired differences) only as a whole, when
+    none of their own runs is here."""
     taken: list[str] = []
 
     def take(section: str, *keys: str) -> None:
@@ -1220,7 +1221,9 @@ def carry_over(current: dict[str, Any], previous: dict[str, Any]) -> list[str]:
     if "ablation" in taken and previous.get("ablation_paired") is not None:  # its paired differences go with the table
         current["ablation_paired"] = previous["ablation_paired"]
         taken.append("ablation_paired")
-    table("robustness", lambda t: any(c is not None for cells in (t or {}).values() for p, c in (cells or {}).items() if p != "0"))
+    for row, cells in (previous.get("robustness") or {}).items():  # cell by cell, like the main table: each is one run
+        for percent in cells or {}:
+            take("robustness", row, percent)
     return taken
 
 
@@ -1246,7 +1249,7 @@ def build(runs: Path, out: Path, previous: Optional[Path] = None) -> dict[str, A
             taken = carry_over(results, usable)
             origin = {"generated": old.get("generated"), "git_revision": old.get("git_revision")}
             before = {e["path"]: e for e in (old.get("carried_over") or {}).get("entries", []) if isinstance(e, dict)}
-            entries = [{**origin, **before.get(path, {}), "path": path} for path in taken]  # an entry keeps its first report
+            entries = [{**origin, **_first_entry(before, path), "path": path} for path in taken]  # an entry keeps its first report
             if entries:
                 facts["carried_over"] = {"from": str(previous), "entries": entries}
             markdown(results, facts)  # an earlier file this version cannot read fails here, before anything is written
@@ -1259,6 +1262,16 @@ def build(runs: Path, out: Path, previous: Optional[Path] = None) -> dict[str, A
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", markdown(results, facts))
     return results
+
+
+def _first_entry(before: dict[str, dict], path: str) -> dict:
+    """The earlier report's entry for ``path``, or for the nearest section holding it (an entry taken whole before and
+    cell by cell now, e.g. ``robustness`` -> ``robustness/EAG-RL/20``, keeps the report it first came from)."""
+    parts = path.split("/")
+    for end in range(len(parts), 0, -1):
+        if "/".join(parts[:end]) in before:
+            return before["/".join(parts[:end])]
+    return {}
 
 
 def _read_previous(path: Path) -> dict[str, Any]:
