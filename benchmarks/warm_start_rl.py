@@ -73,8 +73,10 @@ def rl_arguments(
 ) -> list[str]:
     """The ``python -m eagrl fit`` arguments of the RL run from the warm start ``start`` (the module docstring):
     ``rollouts`` rollouts of ``patients`` x G = 8 completions, 4 optimiser steps each."""
+    if patients < 1 or 64 % patients:
+        raise ValueError(f"patients must divide the 64 train patients, got {patients}")
     per_epoch = 64 // patients
-    if rollouts % per_epoch:
+    if rollouts < 1 or rollouts % per_epoch:
         raise ValueError(f"rollouts must be a multiple of {per_epoch} (64 train patients, {patients} a rollout), got {rollouts}")
     return [
         "fit", "--config", "configs/tjh/rl.yaml", "--config", "configs/synthetic/cohort.yaml", "--config", "configs/smoke/rl.yaml",

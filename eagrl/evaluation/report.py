@@ -1172,7 +1172,8 @@ def carry_over(current: dict[str, Any], previous: dict[str, Any]) -> list[str]:
     Entries are taken whole, never mixed with a fresh one: a main-table cell where this run is absent; what is computed
     from one run (its answers, calibration, subgroups, reward trend, seed runs) only with that run's cell; a paired
     difference or answer difference only when both its runs are taken; a robustness cell (one shuffled run) where its
-    run is absent; the synthetic section and the ablation table (with its paired differences) only as a whole, when
+    run is absent and the method's TJH main-table cell is taken too (a retrained model makes the old shuffled runs
+    another model's, and the 0% cell is that run scored on the subset); the synthetic section and the ablation table (with its paired differences) only as a whole, when
     none of their own runs is here."""
     taken: list[str] = []
 
@@ -1221,9 +1222,11 @@ def carry_over(current: dict[str, Any], previous: dict[str, Any]) -> list[str]:
     if "ablation" in taken and previous.get("ablation_paired") is not None:  # its paired differences go with the table
         current["ablation_paired"] = previous["ablation_paired"]
         taken.append("ablation_paired")
-    for row, cells in (previous.get("robustness") or {}).items():  # cell by cell, like the main table: each is one run
-        for percent in cells or {}:
-            take("robustness", row, percent)
+    main_row = {name: row for row, name in MAIN}
+    for row, name in ROBUST_METHODS:  # cell by cell (each is one run), and only with the TJH run of the model they test
+        if f"main/{main_row[name]}/tjh" in taken:
+            for percent in (previous.get("robustness") or {}).get(row) or {}:
+                take("robustness", row, percent)
     return taken
 
 

@@ -341,8 +341,9 @@ def test_what_the_llm_rows_write_is_counted_from_their_answers(tmp_path):
 def test_cells_whose_runs_are_absent_are_carried_from_an_earlier_report(tmp_path):
     """--previous: what the current runs lack comes whole from the earlier results.json and is listed with the report it
     first came from; what they hold is theirs; a pair with one fresh run is not carried; the ablation table is carried
-    only as a whole, the robustness table cell by cell; the earlier report's plots stay listed; a missing or unreadable file is one clear error."""
-    from eagrl.evaluation.report import EAGRLInputError, _first_entry
+    only as a whole, the robustness table cell by cell with its method's TJH run; the earlier report's plots stay
+    listed; a missing or unreadable file is one clear error."""
+    from eagrl.evaluation.report import EAGRLInputError, _first_entry, carry_over
 
     first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
     vanilla = _run(first / "tjh" / "prompting_vanilla", 1)
@@ -363,14 +364,21 @@ def test_cells_whose_runs_are_absent_are_carried_from_an_earlier_report(tmp_path
     assert results["paired"]["tjh"]["EAG-RL − SFT"] is None  # its EAG-RL side is fresh: the old pair would mislead
     assert results["paired"]["tjh"]["Vanilla − Question Decomposition"] is None  # never computed
     assert results["ablation"] == earlier["ablation"]  # no ablation run here: the whole earlier table
-    robust, before = results["robustness"], earlier["robustness"]  # cell by cell: each shuffled run is one cell
-    assert robust["Base LLM (Question Decomposition)"]["20"]["auroc"] == base_20["test/auroc"]
-    assert robust["Base LLM (Question Decomposition)"]["100"] == before["Base LLM (Question Decomposition)"]["100"] is not None
-    assert robust["EAG-RL"]["100"] == before["EAG-RL"]["100"] is not None and robust["EAG-RL"]["60"] is None
+    assert results["robustness"]["Base LLM (Question Decomposition)"]["20"]["auroc"] == base_20["test/auroc"]
+    assert earlier["robustness"]["EAG-RL"]["100"] is not None and results["robustness"]["EAG-RL"]["100"] is None  # tjh/rl re-run
+    # robustness cells are carried one by one, with the method's TJH run: a retrained model's old shuffled runs are not
+    base, eag = "Base LLM (Question Decomposition)", "EAG-RL"
+    current = {"main": {"Question Decomposition": {"tjh": None}, "EAG-RL": {"tjh": {"auroc": 0.7}}},
+               "robustness": {base: {"0": None, "20": {"auroc": 0.5}, "100": None}, eag: {"0": None, "100": None}}}  # fmt: skip
+    old = {"main": {"Question Decomposition": {"tjh": {"auroc": 0.5}}, "EAG-RL": {"tjh": {"auroc": 0.6}}},
+           "robustness": {base: {"0": {"auroc": 0.5}, "20": {"auroc": 0.1}, "100": {"auroc": 0.5}}, eag: {"0": {"auroc": 0.6}, "100": {"auroc": 0.55}}}}  # fmt: skip
+    taken = carry_over(current, old)
+    assert current["robustness"][base] == {"0": {"auroc": 0.5}, "20": {"auroc": 0.5}, "100": {"auroc": 0.5}}
+    assert current["robustness"][eag] == {"0": None, "100": None}
+    assert f"robustness/{base}/100" in taken and f"robustness/{base}/20" not in taken
     assert results["answers"]["tjh"]["EAG-RL"]["patients"] == 8 and results["answers"]["tjh"]["SFT"] == earlier["answers"]["tjh"]["SFT"]
     paths = [e["path"] for e in results["facts"]["carried_over"]["entries"]]
     assert "main/Vanilla/tjh" in paths and "main/EAG-RL/tjh" not in paths and "ablation" in paths and "answers/tjh/EAG-RL" not in paths
-    assert "robustness/EAG-RL/100" in paths and "robustness/Base LLM (Question Decomposition)/20" not in paths
     text = (out / "results.md").read_text()
     assert "entries are not from these runs" in text and "main/Vanilla/tjh" in text
     assert f"{100 * vanilla['test/auroc']:.2f}" in text
@@ -379,7 +387,6 @@ def test_cells_whose_runs_are_absent_are_carried_from_an_earlier_report(tmp_path
     later = build(third, out, previous=out / "results.json")
     origin = {e["path"]: e["generated"] for e in later["facts"]["carried_over"]["entries"]}
     assert origin["main/Vanilla/tjh"] == first_report and origin["main/EAG-RL/tjh"] == results["facts"]["generated"]
-    assert origin["robustness/EAG-RL/100"] == first_report
     # a report that carried the robustness table whole names that entry "robustness": its cells keep where it came from
     assert _first_entry({"robustness": {"generated": "then"}}, "robustness/EAG-RL/20") == {"generated": "then"}
     assert _first_entry({"robustness": {"generated": "then"}}, "ablation") == {}

@@ -103,7 +103,7 @@ def test_rl_on_the_synthetic_cohort_raises_the_reward(synthetic_expert, tmp_path
     The policy is the tiny random Llama with all its weights first trained on the format (``benchmarks/warm_start_rl.py``,
     whose settings these are; SmolLM2 is too slow for a test, and LoRA alone cannot teach the random model the format).
     It answers 0.5 for every patient, so what RL can gain here is the alignment term: naming what the expert ranks,
-    respiratory rate above all (in its top 5 for every patient). The settings that make the trend clear of its noise
+    respiratory rate above all (in its top 5 for all but one patient). The settings that make the trend clear of its noise
     (README, synthetic cohort): sampling at temperature 0.5, lr 1e-3 falling to 0 (cosine), 4 patients x G = 8 a
     rollout; at temperature 0.7 or a constant lr, the few completions that leave the format (each λ log 0.01 ≈ −2.8
     against ≈ −0.37) cancel the gain."""
