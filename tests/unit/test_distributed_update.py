@@ -54,6 +54,7 @@ def _worker(rank: int, world: int, port: int, n_prompts: int, out: str, mini_bat
         rollout = _rollout(n_prompts)
         mine = rollout.select_groups(torch.tensor([p % world == rank for p in range(n_prompts)]))
         torch.save(_update(mine, mini_batch), f"{out}/rank{rank}.pt")
+        torch.distributed.barrier()  # both ranks done before gloo is torn down (a rank leaving early aborted once in CI)
     finally:
         torch.distributed.destroy_process_group()
 
