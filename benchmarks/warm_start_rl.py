@@ -1,7 +1,7 @@
 """Can stage 2 raise the reward of a policy that already writes the format? The tiny random Llama, warm-started on
 the synthetic cohort, then EAG-RL (or any overlay) through the real CLI; prints the reward, R_att and strict-parse
-trends (first 5 against last 5 rollouts, ``eagrl.evaluation.report.reward_trend``). Its defaults are the setting in
-which the reward rose beyond 2 SE most often; it is not a test because it did not always (README, synthetic cohort).
+trends (first 5 against last 5 rollouts, ``eagrl.evaluation.report.reward_trend``). Its defaults are the cheapest setting
+that usually raised the reward beyond 2 SE; it is not a test because it did not always (README, synthetic cohort).
 
     python benchmarks/warm_start_rl.py --expert runs_cpu/synthetic/concare/expert_attention.jsonl --out runs_warm
         [--warm-steps 300] [--seed 0] [--rollouts 48] [--patients 4] [--lr 1e-3] [--lr-schedule cosine] [--temperature 0.5]
@@ -53,7 +53,7 @@ def warm_start(folder: Path, steps: int = 300, seed: int = 0, cache_dir: Path | 
     prompts = [fit(dm.datasets["train"], i)[0] for i in range(len(dm.datasets["train"]))]
     model = tiny_random_llama(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(steps):  # loss 10.8 -> ~0.4 (the two names' draw is what is left)
+    for step in range(steps):  # loss 10.8 -> ~0.33 (the two names' draw is what is left)
         chosen = [rng.randrange(len(prompts)) for _ in range(8)]
         answers = [f"<Important Features> {', '.join(rng.sample(LAB_NAMES, 2))}\n<Final Answer> 0.5" for _ in chosen]
         loss = completion_loss(model, sft_batch(tokenizer, [prompts[i] for i in chosen], answers))
