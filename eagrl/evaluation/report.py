@@ -1173,8 +1173,8 @@ def carry_over(current: dict[str, Any], previous: dict[str, Any]) -> list[str]:
     from one run (its answers, calibration, subgroups, reward trend, seed runs) only with that run's cell; a paired
     difference or answer difference only when both its runs are taken; a robustness cell (one shuffled run) where its
     run is absent and the method's TJH main-table cell is taken too (a retrained model makes the old shuffled runs
-    another model's, and the 0% cell is that run scored on the subset); the synthetic section and the ablation table (with its paired differences) only as a whole, when
-    none of their own runs is here."""
+    another model's, and the 0% cell is that run scored on the subset); the synthetic section and the ablation table
+    (with its paired differences) only as a whole, when none of their own runs is here."""
     taken: list[str] = []
 
     def take(section: str, *keys: str) -> None:
