@@ -30,8 +30,9 @@ Where each number comes from (``<runs>/<dataset>/<method><suffix>/``):
 
 A run that is missing shows "—" (not run); a metric that is undefined (one outcome among the patients
 answered) shows "n/a". A run that has started and not ended (``is_unfinished``: its ``run_info.json`` without a newer
-``metrics.json``, or a fit not yet tested; a stage still running, or one killed) is read as missing, and the report's header names it, so a report built
-while ``make reproduce`` runs never shows half a search or half a training curve as a result.
+``metrics.json``, or a fit not yet tested; a stage still running, or one killed) is read as missing, and the report's
+header names it, so a report built while ``make reproduce`` runs never shows half a search or half a training curve
+as a result.
 """
 
 from __future__ import annotations
@@ -1224,7 +1225,7 @@ def carry_over(current: dict[str, Any], previous: dict[str, Any]) -> list[str]:
         taken.append("ablation_paired")
     main_row = {name: row for row, name in MAIN}
     for row, name in ROBUST_METHODS:  # cell by cell (each is one run), and only with the TJH run of the model they test
-        if f"main/{main_row[name]}/tjh" in taken:
+        if is_old(main_row[name], "tjh"):
             for percent in (previous.get("robustness") or {}).get(row) or {}:
                 take("robustness", row, percent)
     return taken
