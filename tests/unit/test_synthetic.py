@@ -4,6 +4,8 @@ short prompts, and an expert that attends to the rule's variables."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from eagrl.data.features import SYNTHETIC_FEATURES
 from eagrl.data.synthetic import LAB_NAMES, RULE_FEATURES, load_synthetic, rule_logit
 from eagrl.errors import EAGRLInputError
 from eagrl.evaluation.metrics import ranking
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 def _auroc(score: np.ndarray, labels: np.ndarray) -> float:
@@ -69,16 +71,52 @@ def test_the_datamodule_serves_it_with_short_text(tmp_path):
     assert len(next(iter(small.train_dataloader()))["id"]) == 2 and len(next(iter(small.test_dataloader()))["id"]) == 8
 
 
+@pytest.fixture(scope="module")
+def synthetic_expert(tmp_path_factory, session_cache) -> Path:
+    """A runs root holding ``synthetic/concare``: the expert, really trained on the synthetic cohort."""
+    runs = tmp_path_factory.mktemp("runs")
+    result = run_cli("fit", "--config", "configs/tjh/concare.yaml", "--config", "configs/synthetic/cohort.yaml",
+                     "--trainer.default_root_dir", str(runs / "synthetic" / "concare"), cache=session_cache)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return runs
+
+
 @pytest.mark.slow
-def test_concare_attends_to_the_rule_variables(tmp_path, session_cache):
+def test_concare_attends_to_the_rule_variables(synthetic_expert):
     """The expert trained on the synthetic cohort puts most of its attention on the rule's variables for the patients
     who die (for survivors nothing is abnormal in the rule, and its attention has no reason to go there)."""
     from eagrl.evaluation.report import synthetic_check
 
-    run = tmp_path / "synthetic" / "concare"
-    result = run_cli("fit", "--config", "configs/tjh/concare.yaml", "--config", "configs/synthetic/cohort.yaml",
-                     "--trainer.default_root_dir", str(run), cache=session_cache)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((run / "metrics.json").read_text())["test/auroc"] > 0.85
-    expert = synthetic_check(tmp_path)["expert"]
+    assert json.loads((synthetic_expert / "synthetic" / "concare" / "metrics.json").read_text())["test/auroc"] > 0.85
+    expert = synthetic_check(synthetic_expert)["expert"]
     assert expert["attention_on_rule_positives"] > 0.6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # ~9 min measured with two pipeline runs sharing the 2 cores: the warm start, then 24 rollouts
+def test_rl_on_the_synthetic_cohort_raises_the_reward(synthetic_expert, tmp_path, session_cache):
+    """Stage 2 raises the reward: EAG-RL (the RL LightningModule through the CLI, its reward with the real synthetic
+    expert, its clip and ε(τ)) from a tiny policy that writes the strict format and names two lab variables at random.
+    The last 5 rollouts' mean training reward exceeds the first 5's by more than 2 standard errors (the report's
+    ``reward_trend``), and R_att, the only term that differs between its parsed completions, rises with it.
+
+    The policy is the tiny random Llama with all its weights first trained on the format (``benchmarks/warm_start_rl.py``,
+    whose default settings these are; SmolLM2 is too slow for a test, and LoRA alone cannot teach the random model the
+    format). It answers 0.5 for every patient, so what RL can gain here is the alignment term: naming what the expert
+    ranks, respiratory rate above all (in its top 5 for all but one patient). What makes the trend clear of its noise
+    (README, synthetic cohort): 16 patients x G = 8 a rollout, sampled at temperature 0.3, lr 1e-3 falling to 0 (cosine),
+    a KL penalty of 0.1 to the warm start. Each completion that leaves the format scores λ log 0.01 ≈ −2.8 against
+    ≈ −0.38: with 4 patients a rollout one of them among the last 5 rollouts could cancel the gain, and without the KL
+    term the policy could drift into listing respiratory rate until the 24-token limit cut the answer."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from warm_start_rl import rl_arguments, trends, warm_start
+
+    start = warm_start(tmp_path / "start", cache_dir=session_cache)
+    expert = synthetic_expert / "synthetic" / "concare" / "expert_attention.jsonl"
+    # the loss's PyTorch path: interpreted over the 49k vocabulary the Triton kernels take minutes a rollout
+    result = run_cli(*rl_arguments(start, expert, tmp_path / "rl"), cache=session_cache, env={"TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = trends(tmp_path / "rl")
+    assert found["rollouts"] == 24
+    assert found["reward"]["z"] > 2 and found["reward"]["difference"] > 0, found
+    assert found["r_att"]["difference"] > 0, found
