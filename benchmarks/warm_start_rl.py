@@ -19,7 +19,8 @@ kernels are not interpreted (the loss's PyTorch path).
 
 Measured on 2 cores (AMD EPYC, 2026-12-07; README, synthetic cohort): with the defaults the reward rose beyond 2 SE in
 6 of 6 runs (z +4.5 to +13.3); without the KL term (``--kl-coef 0``) in 5 of 6, the sixth's policy drifting into lists
-of names that the 24-token limit cut before the answer; with 4 patients a rollout at temperature 0.5 in 5 of 6.
+of names that the 24-token limit cut before the answer; with 4 patients a rollout and no KL term, at temperature 0.3
+in 3 of 4 runs of this benchmark, at 0.5 in 5 of 6 (a scratch script and the earlier test).
 """
 
 from __future__ import annotations
