@@ -26,6 +26,7 @@ in 3 of 4 runs of this benchmark, at 0.5 in 5 of 6 (a scratch script and the ear
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import random
@@ -108,17 +109,18 @@ def trends(run: Path) -> dict:
 
 
 def main() -> None:
+    default = {name: p.default for name, p in inspect.signature(rl_arguments).parameters.items()}  # one source of the defaults
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--expert", type=Path, required=True, help="the synthetic ConCare run's expert_attention.jsonl")
     parser.add_argument("--out", type=Path, required=True, help="a folder for the warm start (start/) and the RL run (rl/)")
     parser.add_argument("--warm-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0, help="the warm start's seed (the RL run's: --seed_everything after --)")
-    parser.add_argument("--rollouts", type=int, default=24)
-    parser.add_argument("--patients", type=int, default=16, help="patients a rollout (G = 8 completions each); 64 train patients")
-    parser.add_argument("--lr", type=float, default=1e-3, help="the RL learning rate")
-    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine")
-    parser.add_argument("--temperature", type=float, default=0.3, help="the rollouts' sampling temperature")
-    parser.add_argument("--kl-coef", type=float, default=0.1, help="β of the k3 KL penalty to the warm start (0: none)")
+    parser.add_argument("--rollouts", type=int, default=default["rollouts"])
+    parser.add_argument("--patients", type=int, default=default["patients"], help="patients a rollout (G = 8 completions each); 64 train patients")
+    parser.add_argument("--lr", type=float, default=default["lr"], help="the RL learning rate")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default=default["lr_schedule"])
+    parser.add_argument("--temperature", type=float, default=default["temperature"], help="the rollouts' sampling temperature")
+    parser.add_argument("--kl-coef", type=float, default=default["kl_coef"], help="β of the k3 KL penalty to the warm start (0: none)")
     args, extra = parser.parse_known_args()
     if not args.expert.is_file():
         raise SystemExit(f"error: --expert {args.expert} does not exist: run the synthetic ConCare stage first")
