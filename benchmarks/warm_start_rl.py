@@ -72,6 +72,9 @@ def warm_start(folder: Path, steps: int = 300, seed: int = 0, cache_dir: Path | 
     return folder
 
 
+ANSWER_TOKENS = 24  # the longest answer, sampled in rollouts and greedy at test: the two names and the tags fit
+
+
 def rl_arguments(
     start: Path, expert: Path, run: Path, rollouts: int = 24, patients: int = 16, lr: float = 1e-3, lr_schedule: str = "cosine",
     temperature: float = 0.3, kl_coef: float = 0.1,
@@ -93,8 +96,8 @@ def rl_arguments(
         "--data.init_args.train_patients", "64", "--data.init_args.batch_size", str(patients),
         "--model.init_args.group_size", "8", "--model.init_args.rollout_batch_size", str(8 * patients),
         "--model.init_args.mini_batch_size", str(2 * patients),
-        "--model.init_args.rollout_sampling.max_new_tokens", "24", "--model.init_args.rollout_sampling.temperature", str(temperature),
-        "--model.init_args.sampling.max_new_tokens", "24", "--model.init_args.lr", str(lr), "--model.init_args.lr_schedule", lr_schedule,
+        "--model.init_args.rollout_sampling.max_new_tokens", str(ANSWER_TOKENS), "--model.init_args.rollout_sampling.temperature", str(temperature),
+        "--model.init_args.sampling.max_new_tokens", str(ANSWER_TOKENS), "--model.init_args.lr", str(lr), "--model.init_args.lr_schedule", lr_schedule,
         "--model.init_args.kl_coef", str(kl_coef),
     ]  # fmt: skip
 
