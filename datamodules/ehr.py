@@ -18,7 +18,7 @@ import numpy as np
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import DataLoader, Subset, Dataset
 
-from datamodules.sampling import BatchShard, make_loader
+from datamodules.sampling import BatchShard, make_loader, resumed_batches
 from eagrl.data import meds, mimic_iv, synthetic, tjh
 from eagrl.data.batch import collate_samples
 from eagrl.data.cohort import SPLITS, NormStats, PreparedCohort, RawCohort
@@ -514,10 +514,13 @@ class EHRDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.setup()
         data = self.datasets[split] if size is None else Subset(self.datasets[split], self.subset(split, size))
-        return make_loader(data, batch_size or self.batch_size, shuffle, collate_samples, self.num_workers, self._current_epoch)
+        return make_loader(data, batch_size or self.batch_size, shuffle, collate_samples, self.num_workers, self._current_epoch, self._resumed)
 
     def _current_epoch(self) -> int | None:
         return self.trainer.current_epoch if self.trainer is not None else None
+
+    def _resumed(self) -> int:
+        return resumed_batches(self.trainer)
 
     def subset(self, split: str, size: int) -> list[int]:
         """Positions in ``split`` of a seeded subset of ``size`` patients (seed ``split_seed``), half of

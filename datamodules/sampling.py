@@ -3,6 +3,11 @@
 A run resumed from a checkpoint then visits the patients in the order the uninterrupted run would have,
 and no loader draws from the global torch generator that dropout and sampling use. Lightning calls
 ``set_epoch`` on the sampler before every epoch (and swaps in a ``DistributedSampler`` under DDP).
+
+A fit resumed from a checkpoint written inside an epoch (an RL run checkpoints after every rollout) restarts the
+epoch's loader from its first batch while its step count goes on from the checkpoint's; ``EpochShuffle`` then skips
+the batches the checkpoint had already trained on (``resumed_batches``), so no patient of that epoch is seen twice
+and none is missed.
 """
 
 from __future__ import annotations
@@ -28,14 +33,20 @@ class EpochShuffle(DistributedSampler):
     So N ranks' batch b hold together the batch b of one process with N times the batch size. It is a
     ``DistributedSampler``, so Lightning does not wrap it in one of its own (which would shuffle again).
     The epoch is ``epoch_of()`` when given and not None (the trainer's), else the last ``set_epoch``.
+    ``skip_of()``, when given: how many of this rank's samples of the epoch to leave out at its start (those a
+    resumed fit has trained on already). ``__len__`` stays the whole share, as the trainer counts the epoch's
+    batches from its first.
     """
 
-    def __init__(self, data: Sized, seed: int | None = None, epoch_of: Callable[[], int | None] | None = None):
+    def __init__(
+        self, data: Sized, seed: int | None = None, epoch_of: Callable[[], int | None] | None = None, skip_of: Callable[[], int] | None = None
+    ):
         # DistributedSampler's own __init__ needs the process group: the ranks are read when iterating
         self.n = len(data)
         self.seed_value = seed
         self.epoch = 0
         self.epoch_of = epoch_of
+        self.skip_of = skip_of
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -50,23 +61,41 @@ class EpochShuffle(DistributedSampler):
         if world > 1:
             order += order[: (-len(order)) % world]  # equal shares
             order = order[rank() :: world]
-        return iter(order)
+        skip = self.skip_of() if self.skip_of is not None else 0
+        return iter(order[skip:])
 
     def __len__(self) -> int:
         return -(-self.n // world_size())
 
 
+def resumed_batches(trainer: Any) -> int:
+    """The batches of the current epoch that a fit resumed from a checkpoint written inside that epoch has trained
+    on already (Lightning's restored progress, read while it restarts); 0 otherwise (a new epoch, no trainer)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    if loop is None or not loop.restarting:
+        return 0
+    return int(loop.batch_progress.current.completed)
+
+
 def make_loader(
-    data: Any, batch_size: int, shuffle: bool, collate_fn: Callable, num_workers: int = 0, epoch_of: Callable[[], int | None] | None = None
+    data: Any,
+    batch_size: int,
+    shuffle: bool,
+    collate_fn: Callable,
+    num_workers: int = 0,
+    epoch_of: Callable[[], int | None] | None = None,
+    done_of: Callable[[], int] | None = None,
 ) -> DataLoader:
     """A DataLoader with a private generator (worker seeds) and, when shuffling, an ``EpochShuffle``.
 
     Under DDP Lightning gives rank r the samples r, r + N, ... of that order (without shuffling them
-    again), so N ranks of batch b see together the batch of N·b one process would see."""
+    again), so N ranks of batch b see together the batch of N·b one process would see. ``done_of()``: the batches
+    of the epoch already trained on when a fit resumes inside it (``resumed_batches``), which the shuffle skips."""
+    skip_of = (lambda: done_of() * batch_size) if done_of is not None else None  # noqa: E731
     return DataLoader(
         data,
         batch_size=batch_size,
-        sampler=EpochShuffle(data, epoch_of=epoch_of) if shuffle else None,
+        sampler=EpochShuffle(data, epoch_of=epoch_of, skip_of=skip_of) if shuffle else None,
         num_workers=num_workers,
         collate_fn=collate_fn,
         persistent_workers=num_workers > 0,

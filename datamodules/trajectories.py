@@ -94,7 +94,7 @@ class TrajectoryDataModule(EHRDataModule):
             raise EAGRLInputError(f"{self.trajectories_path} holds no train trajectories to fine-tune on")
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self.examples["train"], self.batch_size, True, collate_examples, epoch_of=self._current_epoch)
+        return make_loader(self.examples["train"], self.batch_size, True, collate_examples, epoch_of=self._current_epoch, done_of=self._resumed)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.examples.get("val"):

@@ -5,7 +5,8 @@
 Every stage is one ``python -m eagrl`` command (the same CLI a user runs) whose run directory lies at a
 known path under ``--runs``; the next stages read its outputs from there. A stage whose outputs are newer
 than its inputs and configs is skipped, so rerunning the command after an interruption resumes at the
-first unfinished stage. First the mechanism check on the synthetic cohort (``eagrl.data.synthetic``: ConCare,
+first unfinished stage; a fit stopped inside its stage resumes from its run's ``checkpoints/last.ckpt`` where that
+is newer than its inputs and configs (RL writes one after every rollout, ConCare and SFT after every epoch). First the mechanism check on the synthetic cohort (``eagrl.data.synthetic``: ConCare,
 Question Decomposition, stage 1, SFT, GRPO and EAG-RL), then, in order, per dataset (TJH mortality, MIMIC-IV
 mortality, MIMIC-IV readmission):
 
@@ -84,6 +85,23 @@ class Stage:
         if any(answer_reading_of(p.parent) == "anywhere" for p in self.outputs if p.name == "metrics.json"):
             return False  # its test answers were read the older way: answered again, not reported
         return min(p.stat().st_mtime for p in self.outputs) >= newest_input
+
+    def checkpoint(self) -> Optional[Path]:
+        """The last checkpoint of a fit stage that stopped before its end, to resume from (``--ckpt_path``): its run's
+        ``checkpoints/last.ckpt`` where that is newer than the stage's inputs and configs (an older one is another
+        run's: the stage starts over); None for other stages."""
+        if self.args[0] != "fit" or "--trainer.default_root_dir" not in self.args:
+            return None
+        last = Path(self.args[self.args.index("--trainer.default_root_dir") + 1]) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            return None
+        newest_input = max((p.stat().st_mtime for p in self.inputs + self.configs if p.exists()), default=0.0)
+        return last if last.stat().st_mtime >= newest_input else None
+
+    def command(self) -> list[str]:
+        """The CLI arguments that run the stage: ``args``, resuming from ``checkpoint()`` where there is one."""
+        resume = self.checkpoint()
+        return [*self.args, "--ckpt_path", str(resume)] if resume is not None else list(self.args)
 
 
 class Plan:
@@ -275,11 +293,12 @@ def run(plan: Plan, in_process: bool = False, only: Optional[str] = None) -> lis
                 f"stage {stage.name} needs {missing[0]}, which stage {made_by} makes: run it first "
                 f"(python -m eagrl.pipeline --profile {plan.profile} --runs {plan.runs} --only {made_by})"
             )
-        command = [sys.executable, "-m", "eagrl", *stage.args]
-        print(f"{prefix}: {shlex.join(['python', '-m', 'eagrl', *stage.args])}", flush=True)
+        args = stage.command()
+        command = [sys.executable, "-m", "eagrl", *args]
+        print(f"{prefix}: {shlex.join(['python', '-m', 'eagrl', *args])}", flush=True)
         begin = time.perf_counter()
         if in_process:
-            _run_in_process(stage)
+            _run_in_process(stage.name, args)
         else:
             done = subprocess.run(command, cwd=REPO_ROOT)
             if done.returncode != 0:
@@ -289,14 +308,14 @@ def run(plan: Plan, in_process: bool = False, only: Optional[str] = None) -> lis
     return ran
 
 
-def _run_in_process(stage: Stage) -> None:
+def _run_in_process(name: str, args: list[str]) -> None:
     from eagrl.cli import main
 
     try:
-        main(list(stage.args))
+        main(list(args))
     except SystemExit as stop:
         if stop.code:
-            raise SystemExit(f"error: stage {stage.name} failed (exit {stop.code})") from None
+            raise SystemExit(f"error: stage {name} failed (exit {stop.code})") from None
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -318,7 +337,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         plan = Plan(args.profile, args.runs.resolve() if args.runs.is_absolute() else args.runs, args.model, tuple(args.seeds))
         if args.list:
             for stage in plan.stages:
-                print(f"{'done ' if stage.done() else 'to do'}  {stage.name}")
+                state = "done " if stage.done() else "to do"
+                resume = "" if state == "done " or stage.checkpoint() is None else "  (resumes from its checkpoints/last.ckpt)"
+                print(f"{state}  {stage.name}{resume}")
             return
         run(plan, in_process=args.in_process, only=args.only)
     except EAGRLInputError as err:

@@ -29,8 +29,12 @@ rollout's groups, before any resampling, whose G rewards are not all equal: the 
 reward teaches them nothing; near 0, every completion scores alike: one answer for all, or none parsed),
 resample_rounds, steps (optimiser steps), lr, loss, grad_norm, step_time (seconds).
 After fit, with ``test_after_fit``, the trained policy answers the test patients (``test/auroc``, ...).
-Checkpoints hold the LoRA weights, the optimiser and (``eagrl.callbacks.RandomState``, which the CLI adds) the random state (``--ckpt_path last``
-resumes); the end of fit writes ``model/adapter`` and ``model/merged``.
+Checkpoints hold the LoRA weights, the optimiser, the tokens generated and (``eagrl.callbacks.RandomState``, which the CLI
+adds) the random state; the configs write one after every rollout, and ``--ckpt_path last`` resumes from it as if the fit
+had not stopped (the epoch's patients already trained on are skipped: ``datamodules.sampling``; a checkpoint of the
+rollout that spent the budget goes straight to the test). A resumed fit logs into the next ``logs/version_<N>``; the report
+joins them (a kill in the milliseconds between a rollout's checkpoint and its logged row loses that row from the curve).
+The end of fit writes ``model/adapter`` and ``model/merged``.
 """
 
 from __future__ import annotations
@@ -286,6 +290,12 @@ class RLModule(AdapterCheckpointing, AnswerEvaluator):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.generated_tokens = int(checkpoint.get("eagrl_generated_tokens", 0))
+
+    def on_train_start(self) -> None:
+        budget = self.hparams.max_generated_tokens
+        if budget is not None and self.generated_tokens >= budget:  # resumed from the checkpoint of the last rollout
+            log.info("RL: the checkpoint had spent the budget (%d of %d completion tokens): no rollout is left", self.generated_tokens, budget)
+            self.trainer.should_stop = True
 
     # --------------------------------------------------------------------------------------- setup
     def configure_model(self) -> None:

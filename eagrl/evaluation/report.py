@@ -1073,13 +1073,28 @@ def _plot_cross(results: dict[str, Any], out: Path) -> list[str]:
     return [_save(figure, out / "cross_dataset.png")]
 
 
+def _version(folder: Path) -> tuple[int, str]:
+    """Sort key of a logger folder: ``version_10`` after ``version_9``."""
+    number = folder.name.rsplit("_", 1)[-1]
+    return (int(number) if number.isdigit() else -1, folder.name)
+
+
 def _metrics_csv(run: Path) -> list[dict[str, str]]:
-    """The logged training rows of ``run`` (its latest ``logs/*/metrics.csv``); none while its fit is running."""
-    files = sorted(run.glob("logs/*/metrics.csv"))
+    """The logged training rows of ``run``; none while its fit is running. A fit resumed from a checkpoint logs into a
+    new ``logs/version_<N>``: the versions are read in order, each replacing the rows of the earlier ones from its
+    first step on (those a killed fit logged after its last checkpoint, trained again on resume; all of them when the
+    fit started over)."""
+    files = sorted(run.glob("logs/*/metrics.csv"), key=lambda f: _version(f.parent))
     if not files or is_unfinished(run):
         return []
-    with open(files[-1], encoding="utf-8") as handle:
-        return [r for r in csv.DictReader(handle) if r.get("train/reward")]
+    rows: list[dict[str, str]] = []
+    for file in files:
+        with open(file, encoding="utf-8") as handle:
+            fresh = [r for r in csv.DictReader(handle) if r.get("train/reward")]
+        if fresh:
+            first = int(fresh[0]["step"])
+            rows = [r for r in rows if int(r["step"]) < first] + fresh
+    return rows
 
 
 def reward_trend(rewards: list[float], window: int = 5) -> Optional[dict[str, float]]:

@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from eagrl.evaluation.report import _metrics_csv
 from tests.conftest import REPO, run_cli
 
 TOLERANCE = 1e-6
@@ -36,7 +37,7 @@ DISTILL = [
     "--data.init_args.batch_size", "1", "--trainer.limit_predict_batches", "3", "--model.init_args.search.rollouts", "3", *PINNED,
 ]  # fmt: skip
 SFT = ["fit", "--config", "configs/tjh/sft.yaml", "--config", "configs/smoke/sft.yaml", "--trainer.max_epochs", "3", *PINNED]
-RL = ["fit", "--config", "configs/tjh/rl.yaml", "--config", "configs/smoke/rl.yaml", "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "1", *PINNED]
+RL = ["fit", "--config", "configs/tjh/rl.yaml", "--config", "configs/smoke/rl.yaml", "--trainer.max_epochs", "2", *PINNED]  # 2 rollouts per epoch
 
 pytestmark = pytest.mark.slow
 
@@ -193,10 +194,28 @@ def test_rl_killed_twice_then_resumed_matches_the_uninterrupted_fit(expert, tmp_
     reference, root = tmp_path / "reference", tmp_path / "killed"
     _finish([*rl, "--trainer.default_root_dir", str(reference)], session_cache)
     args = [*rl, "--trainer.default_root_dir", str(root)]
-    last = root / "checkpoints/last.ckpt"
-    run_and_kill(args, session_cache, last, changes=1)  # after step 1
-    run_and_kill([*args, "--ckpt_path", "last"], session_cache, last, changes=1)
+    # a checkpoint every rollout (4, 2 per epoch); each kill comes after a rollout's row is logged, which is after
+    # its checkpoint: the first inside epoch 1 (rollout 1 logged), the second inside epoch 2 (rollout 3 logged)
+    run_and_kill(args, session_cache, root / "logs/version_0/metrics.csv", changes=1)
+    run_and_kill([*args, "--ckpt_path", "last"], session_cache, root / "logs/version_1/metrics.csv", changes=2)
     _finish([*args, "--ckpt_path", "last"], session_cache)
     assert_same_metrics(root, reference, ("train/reward", "train/loss", "train/entropy", "test/"))
     adapter = "model/adapter/adapter_model.safetensors"
     assert_same_tensors(load_file(root / adapter), load_file(reference / adapter))
+    rows, want = _metrics_csv(root), _metrics_csv(reference)  # the report's curve: the resumed run's 3 logger versions joined
+    assert [r["step"] for r in rows] == [r["step"] for r in want] == ["0", "1", "2", "3"]
+    for name in ("train/reward", "train/entropy", "train/loss"):
+        assert [float(r[name]) for r in rows] == pytest.approx([float(r[name]) for r in want], abs=TOLERANCE), name
+
+
+def test_rl_resumed_from_the_rollout_that_spent_its_budget_only_tests(expert, tmp_path, session_cache):
+    args = [*RL, "--model.init_args.expert_attention", str(expert), "--model.init_args.max_generated_tokens", "1", "--trainer.default_root_dir", str(tmp_path)]
+    _finish(args, session_cache)  # stops after its first rollout
+    before = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert before["global_step"] > 0 and before["eagrl_generated_tokens"] >= 1
+    (tmp_path / "metrics.json").unlink()
+    _finish([*args, "--ckpt_path", "last"], session_cache)  # as after a kill while testing
+    after = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert after["global_step"] == before["global_step"]  # no further rollout
+    assert_same_tensors(after["state_dict"], before["state_dict"])
+    assert "test/auroc" in _metrics(tmp_path) and len(_metrics_csv(tmp_path)) == 1

@@ -152,3 +152,28 @@ def test_only_names_one_stage_or_a_prefix(tmp_path):
     assert names(None) == [s.name for s in stages]
     with pytest.raises(EAGRLInputError, match="--only tjh/rll"):
         names("tjh/rll")  # a typo is an error, not a run of nothing
+
+
+def test_a_fit_stopped_inside_its_stage_resumes_from_its_last_checkpoint(tmp_path, capsys):
+    """An RL stage killed mid-fit leaves checkpoints/last.ckpt (one per rollout): rerunning the pipeline resumes from
+    it (``--ckpt_path``) instead of starting over, unless an input changed after it (another run's checkpoint); a
+    stage that is not a fit never resumes."""
+    import os
+
+    plan = Plan("smoke", tmp_path)
+    stage = next(s for s in plan.stages if s.name == "tjh/rl")
+    for path in stage.inputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    assert stage.checkpoint() is None and "--ckpt_path" not in stage.command()
+    last = Path(stage.args[stage.args.index("--trainer.default_root_dir") + 1]) / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"checkpoint")
+    assert stage.command()[-2:] == ["--ckpt_path", str(last)] and stage.command()[:-2] == stage.args
+    main(["--profile", "smoke", "--runs", str(tmp_path), "--list"])
+    assert "to do  tjh/rl  (resumes from its checkpoints/last.ckpt)" in capsys.readouterr().out.splitlines()
+    newer = last.stat().st_mtime + 10
+    os.utime(stage.inputs[0], (newer, newer))  # the SFT model was retrained since: the checkpoint is another run's
+    assert stage.checkpoint() is None and "--ckpt_path" not in stage.command()
+    prompting = next(s for s in plan.stages if s.name == "tjh/prompting_decomposition")
+    assert prompting.checkpoint() is None
