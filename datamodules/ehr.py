@@ -173,7 +173,9 @@ class EHRDataModule(L.LightningDataModule):
         eval_batch_size: samples per test batch (the LLMs answer a test batch in one ``generate`` call); None:
             ``batch_size``. RL trains on small batches (patients per rollout) but answers the test split faster in
             larger ones; the answers do not depend on it (greedy decoding, each prompt prefilled alone).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes of the evaluation loaders (val, test, predict). The shuffled train
+            loader reads its order in the main process: its epoch and a resumed fit's progress are restored after the
+            trainer first starts the loader, and worker processes would read them before (``datamodules.sampling``).
         text_style: the LLM's patient text: ``paper`` (every feature's value at every visit, the paper's format)
             or ``compact`` (per measured variable its last value with an H/L flag, min-max and trend; variables
             normal throughout grouped on one line; about a third of the tokens on TJH). See ``eagrl.data.text``.
@@ -514,7 +516,8 @@ class EHRDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.setup()
         data = self.datasets[split] if size is None else Subset(self.datasets[split], self.subset(split, size))
-        return make_loader(data, batch_size or self.batch_size, shuffle, collate_samples, self.num_workers, self._current_epoch, self._resumed)
+        workers = 0 if shuffle else self.num_workers  # the train order is read after a resume's restore (see num_workers)
+        return make_loader(data, batch_size or self.batch_size, shuffle, collate_samples, workers, self._current_epoch, self._resumed)
 
     def _current_epoch(self) -> int | None:
         return self.trainer.current_epoch if self.trainer is not None else None

@@ -7,7 +7,9 @@ and no loader draws from the global torch generator that dropout and sampling us
 A fit resumed from a checkpoint written inside an epoch (an RL run checkpoints after every rollout) restarts the
 epoch's loader from its first batch while its step count goes on from the checkpoint's; ``EpochShuffle`` then skips
 the batches the checkpoint had already trained on (``resumed_batches``), so no patient of that epoch is seen twice
-and none is missed.
+and none is missed. The order is read when the trainer first starts the epoch's loader: in the main process, after
+the restore (a worker process would read it at the loader's creation, which a schedule that asks for
+``estimated_stepping_batches`` brings before the restore: the epoch and progress would be the new trainer's).
 """
 
 from __future__ import annotations
@@ -69,12 +71,15 @@ class EpochShuffle(DistributedSampler):
 
 
 def resumed_batches(trainer: Any) -> int:
-    """The batches of the current epoch that a fit resumed from a checkpoint written inside that epoch has trained
-    on already (Lightning's restored progress, read while it restarts); 0 otherwise (a new epoch, no trainer)."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    if loop is None or not loop.restarting:
+    """The batches of the current epoch trained on before its loader is (re)started: those a fit resumed from a
+    checkpoint written inside the epoch had trained on (Lightning's restored progress), 0 at an epoch's start or
+    outside ``fit``. Read when the loader starts, before the epoch's first batch: its batches ready then."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    state = getattr(trainer, "state", None)
+    if state is None or state.fn != TrainerFn.FITTING:
         return 0
-    return int(loop.batch_progress.current.completed)
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
 
 def make_loader(

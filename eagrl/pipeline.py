@@ -89,7 +89,8 @@ class Stage:
     def checkpoint(self) -> Optional[Path]:
         """The last checkpoint of a fit stage that stopped before its end, to resume from (``--ckpt_path``): its run's
         ``checkpoints/last.ckpt`` where that is newer than the stage's inputs and configs (an older one is another
-        run's: the stage starts over); None for other stages."""
+        run's: the stage starts over); None for other stages. The rule is ``done()``'s: it sees a changed input or
+        config file, not a run folder reused with other settings (another ``--profile`` or ``--model``)."""
         if self.args[0] != "fit" or "--trainer.default_root_dir" not in self.args:
             return None
         last = Path(self.args[self.args.index("--trainer.default_root_dir") + 1]) / "checkpoints" / "last.ckpt"

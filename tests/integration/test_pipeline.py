@@ -154,7 +154,7 @@ def test_only_names_one_stage_or_a_prefix(tmp_path):
         names("tjh/rll")  # a typo is an error, not a run of nothing
 
 
-def test_a_fit_stopped_inside_its_stage_resumes_from_its_last_checkpoint(tmp_path, capsys):
+def test_a_fit_stopped_inside_its_stage_resumes_from_its_last_checkpoint(tmp_path, capsys, monkeypatch):
     """An RL stage killed mid-fit leaves checkpoints/last.ckpt (one per rollout): rerunning the pipeline resumes from
     it (``--ckpt_path``) instead of starting over, unless an input changed after it (another run's checkpoint); a
     stage that is not a fit never resumes."""
@@ -172,6 +172,12 @@ def test_a_fit_stopped_inside_its_stage_resumes_from_its_last_checkpoint(tmp_pat
     assert stage.command()[-2:] == ["--ckpt_path", str(last)] and stage.command()[:-2] == stage.args
     main(["--profile", "smoke", "--runs", str(tmp_path), "--list"])
     assert "to do  tjh/rl  (resumes from its checkpoints/last.ckpt)" in capsys.readouterr().out.splitlines()
+    ran = []
+    monkeypatch.setattr("eagrl.pipeline._run_in_process", lambda name, args: ran.append((name, args)))
+    from eagrl.pipeline import run
+
+    run(plan, in_process=True, only="tjh/rl")  # what the pipeline runs
+    assert ran == [("tjh/rl", [*stage.args, "--ckpt_path", str(last)])]
     newer = last.stat().st_mtime + 10
     os.utime(stage.inputs[0], (newer, newer))  # the SFT model was retrained since: the checkpoint is another run's
     assert stage.checkpoint() is None and "--ckpt_path" not in stage.command()

@@ -551,21 +551,21 @@ def test_a_run_that_has_not_ended_is_left_out_and_named(tmp_path):
 
 
 def test_a_resumed_fits_curves_join_its_logger_versions(tmp_path):
-    """A fit killed after rollout 6 with its last checkpoint after rollout 4, resumed (version_1 from step 5, the
-    killed rollouts 5-6 trained again), then killed again and resumed (version_10 from step 9): the curve holds
-    every rollout once, each from the latest version that logged it; a version that starts over (step 0) replaces
-    all before it."""
+    """A fit killed after rollout 6 with its last checkpoint after rollout 4, resumed (version_2 from step 5, the
+    killed rollouts 5-6 trained again), then killed again and resumed (version_10 from step 9, read after version_2
+    though it sorts before it as text): the curve holds every rollout once, each from the latest version that logged
+    it; a version that starts over (step 0) replaces all before it."""
     from eagrl.evaluation.report import _metrics_csv
 
     run = tmp_path / "rl"
-    versions = {0: [(s, 0.0) for s in range(7)], 1: [(s, 1.0) for s in range(5, 10)], 10: [(s, 10.0) for s in range(9, 12)]}
+    versions = {0: [(s, 0.0) for s in range(7)], 2: [(s, 2.0) for s in range(5, 10)], 10: [(s, 10.0) for s in range(9, 12)]}
     for version, rows in versions.items():
         logs = run / f"logs/version_{version}"
         logs.mkdir(parents=True)
         lines = ["epoch,step,train/reward", *(f"0,{step},{value}" for step, value in rows), "0,11,"]  # a test row: no reward
         (logs / "metrics.csv").write_text("\n".join(lines) + "\n")
     got = [(int(r["step"]), float(r["train/reward"])) for r in _metrics_csv(run)]
-    assert got == [(s, 0.0) for s in range(5)] + [(s, 1.0) for s in range(5, 9)] + [(s, 10.0) for s in range(9, 12)]
+    assert got == [(s, 0.0) for s in range(5)] + [(s, 2.0) for s in range(5, 9)] + [(s, 10.0) for s in range(9, 12)]
     logs = run / "logs/version_11"  # the fit started over from empty: only it counts
     logs.mkdir()
     (logs / "metrics.csv").write_text("epoch,step,train/reward\n0,0,5.0\n0,1,6.0\n")
