@@ -14,3 +14,8 @@ def on_files(files, config):
     text = re.sub(r"\]\(docs/", "](", readme.read_text())
     files.append(File.generated(config, "index.md", content=text))
     return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    """A page's link to the README (``../README.md``, which GitHub follows) goes to the site's home page."""
+    return re.sub(r"\]\(\.\./README\.md", "](index.md", markdown)
