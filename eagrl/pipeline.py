@@ -6,9 +6,9 @@ Every stage is one ``python -m eagrl`` command (the same CLI a user runs) whose 
 known path under ``--runs``; the next stages read its outputs from there. A stage whose outputs are newer
 than its inputs and configs is skipped, so rerunning the command after an interruption resumes at the
 first unfinished stage; a fit stopped inside its stage resumes from its run's ``checkpoints/last.ckpt`` where that
-is newer than its inputs and configs (RL writes one after every rollout, ConCare and SFT after every epoch). First the mechanism check on the synthetic cohort (``eagrl.data.synthetic``: ConCare,
-Question Decomposition, stage 1, SFT, GRPO and EAG-RL), then, in order, per dataset (TJH mortality, MIMIC-IV
-mortality, MIMIC-IV readmission):
+is newer than its inputs and configs (RL writes one after every rollout, ConCare and SFT after every epoch). First
+the mechanism check on the synthetic cohort (``eagrl.data.synthetic``: ConCare, Question Decomposition, stage 1, SFT,
+GRPO and EAG-RL), then, in order, per dataset (TJH mortality, MIMIC-IV mortality, MIMIC-IV readmission):
 
  1. ``concare``      the expert (fit, then test) -> ``expert_attention.jsonl``
     ``concare_window``  the same under the observation window (mortality: TJH's first 2 days, MIMIC-IV's 48 h)
