@@ -447,10 +447,14 @@ def seed_runs(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def _ablation_subset(runs: Path) -> Optional[list[str]]:
-    """The test patients the TJH ablation runs answered (one fixed subset), or None when they answered none."""
-    for _, name in ABLATIONS:
+    """The test patients of the pipeline's fixed TJH subset: those the ablation runs answered, else (none of them
+    under ``runs``) those the shuffled robustness runs answered, which are the same (``eagrl.pipeline``); None when
+    no such run answered any."""
+    names = [name for _, name in ABLATIONS if name not in ("rl", "sft")]
+    names += [f"robust/{name}_{p}" for _, name in ROBUST_METHODS for p in SHUFFLED if p]
+    for name in names:
         found = predictions_by_id(runs / "tjh" / name)
-        if found and name not in ("rl", "sft"):
+        if found:
             return sorted(found)
     return None
 

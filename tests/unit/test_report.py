@@ -570,3 +570,24 @@ def test_a_resumed_fits_curves_join_its_logger_versions(tmp_path):
     logs.mkdir()
     (logs / "metrics.csv").write_text("epoch,step,train/reward\n0,0,5.0\n0,1,6.0\n")
     assert [float(r["train/reward"]) for r in _metrics_csv(run)] == [5.0, 6.0]
+
+
+def test_without_ablation_runs_the_robustness_0_cell_is_on_the_shuffled_runs_patients(tmp_path):
+    """The shuffled runs answer the pipeline's fixed subset; with no ablation run under the runs folder (as when they
+    are not retrained yet), the 0% cell is still the main run scored on those patients, not on the whole split."""
+    from eagrl.evaluation.metrics import bootstrap_metrics
+
+    runs = tmp_path / "runs"
+    _run(runs / "tjh" / "rl", 1)  # 8 test patients s0..s7
+    subset = ["s0", "s3", "s4", "s7"]
+    shuffled = runs / "tjh" / "robust" / "rl_20"
+    shuffled.mkdir(parents=True)
+    (shuffled / "metrics.json").write_text(json.dumps({"test/auroc": 0.6, "test/samples": 4.0}))
+    rows = [{"id": i, "split": "test", "label": int(i[1]) % 2, "y_hat": y} for i, y in zip(subset, (0.3, 0.9, 0.2, 0.6))]
+    (shuffled / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = build(runs, tmp_path / "results")
+    ys = {r["id"]: r for r in map(json.loads, (runs / "tjh" / "rl" / "generations.jsonl").read_text().splitlines())}
+    direct = bootstrap_metrics(torch.tensor([ys[i]["y_hat"] for i in subset]), torch.tensor([ys[i]["label"] for i in subset]), 100)
+    zero = results["robustness"]["EAG-RL"]["0"]
+    assert zero["patients"] == 4 and zero["auroc"] == pytest.approx(direct["auroc"])
+    assert results["main"]["EAG-RL"]["tjh"]["patients"] == 8
