@@ -76,10 +76,14 @@ class Stage:
     inputs: list[Path] = field(default_factory=list)
     configs: list[Path] = field(default_factory=list)
 
+    def _newest_input(self) -> float:
+        """The latest modification time of the stage's inputs and configs (0 when none exists)."""
+        return max((p.stat().st_mtime for p in self.inputs + self.configs if p.exists()), default=0.0)
+
     def done(self) -> bool:
         if not all(p.exists() for p in self.outputs):
             return False
-        newest_input = max((p.stat().st_mtime for p in self.inputs + self.configs if p.exists()), default=0.0)
+        newest_input = self._newest_input()
         from eagrl.evaluation.readings import answer_reading_of  # here: the launcher itself never imports torch
 
         if any(answer_reading_of(p.parent) == "anywhere" for p in self.outputs if p.name == "metrics.json"):
@@ -96,7 +100,7 @@ class Stage:
         last = Path(self.args[self.args.index("--trainer.default_root_dir") + 1]) / "checkpoints" / "last.ckpt"
         if not last.is_file():
             return None
-        newest_input = max((p.stat().st_mtime for p in self.inputs + self.configs if p.exists()), default=0.0)
+        newest_input = self._newest_input()
         return last if last.stat().st_mtime >= newest_input else None
 
     def command(self) -> list[str]:
