@@ -40,8 +40,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,12 +307,55 @@ def run(plan: Plan, in_process: bool = False, only: Optional[str] = None) -> lis
         if in_process:
             _run_in_process(stage.name, args)
         else:
-            done = subprocess.run(command, cwd=REPO_ROOT)
-            if done.returncode != 0:
-                raise SystemExit(f"error: stage {stage.name} failed (exit {done.returncode}); fix it and rerun the same command to resume")
+            returncode = run_stage(command)
+            if returncode < 0:
+                raise SystemExit(f"error: stage {stage.name} stopped by {signal.Signals(-returncode).name}; rerun the same command to resume")
+            if returncode != 0:
+                raise SystemExit(f"error: stage {stage.name} failed (exit {returncode}); fix it and rerun the same command to resume")
         ran.append(stage.name)
         print(f"{prefix}: done in {time.perf_counter() - begin:.0f} s ({(time.perf_counter() - started) / 60:.1f} min so far)", flush=True)
     return ran
+
+
+def run_stage(command: list[str], grace_s: float = 30.0) -> int:
+    """Run one stage's command; returns its exit code, or minus the signal that stopped the pipeline.
+
+    A SIGTERM or SIGHUP to the pipeline (``kill``, ``timeout``, a closed terminal) is passed on to the stage (a Ctrl-C
+    reaches both: then the pipeline stops with KeyboardInterrupt once the stage has), which gets ``grace_s`` seconds to
+    stop (a Lightning fit stops after its batch) before it is killed (Lightning's predict loop, the
+    stage-1 search, ignores SIGTERM). Otherwise the stage would go on writing into its run folder after the pipeline
+    ended, beside the stage a rerun starts there. Every stage resumes from what it left (a fit from its last checkpoint).
+    """
+    child = subprocess.Popen(command, cwd=REPO_ROOT)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        return child.wait()
+    received: list[tuple[int, float]] = []  # (signal, when)
+
+    def forward(signum, frame):
+        received.append((signum, time.monotonic()))
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while child.poll() is None:
+            if received and time.monotonic() - received[0][1] > grace_s:
+                child.kill()
+                child.wait()
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # Ctrl-C reaches the stage too (one process group): the same grace, then it is killed
+        try:
+            child.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return -received[0][0] if received else child.returncode
 
 
 def _run_in_process(name: str, args: list[str]) -> None:
