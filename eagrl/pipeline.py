@@ -6,7 +6,9 @@ Every stage is one ``python -m eagrl`` command (the same CLI a user runs) whose 
 known path under ``--runs``; the next stages read its outputs from there. A stage whose outputs are newer
 than its inputs and configs is skipped, so rerunning the command after an interruption resumes at the
 first unfinished stage; a fit stopped inside its stage resumes from its run's ``checkpoints/last.ckpt`` where that
-is newer than its inputs and configs (RL writes one after every rollout, ConCare and SFT after every epoch). First
+is newer than its inputs and configs (RL writes one after every rollout, ConCare and SFT after every epoch). Each run
+folder records the command that made it (``pipeline_stage.json``): one made with other settings (another profile or
+model) is neither done nor resumed, and moves to ``<runs>.replaced/<n>/`` when its stage runs. First
 the mechanism check on the synthetic cohort (``eagrl.data.synthetic``: ConCare, Question Decomposition, stage 1, SFT,
 GRPO and EAG-RL), then, in order, per dataset (TJH mortality, MIMIC-IV mortality, MIMIC-IV readmission):
 
@@ -38,6 +40,7 @@ Profiles:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -77,13 +80,55 @@ class Stage:
     outputs: list[Path]
     inputs: list[Path] = field(default_factory=list)
     configs: list[Path] = field(default_factory=list)
+    signature: list[str] = field(default_factory=list)  # args with the runs folder written "<runs>" (a moved one is the same)
+    runs: Path = Path("runs")
+
+    RECORD = "pipeline_stage.json"  # in the run folder: the signature of the command that made it
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.args[self.args.index("--trainer.default_root_dir") + 1])
+
+    def recorded(self) -> Optional[list[str]]:
+        """The signature of the command that made the run folder; None where none was recorded (a folder written
+        before records existed, or none yet)."""
+        try:
+            return json.loads((self.run_dir / self.RECORD).read_text(encoding="utf-8"))["args"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def made_by_another_command(self) -> bool:
+        """The run folder was made with other settings (another ``--profile``, ``--model``, seed or size): none of it
+        counts for this stage, however recent (``make reproduce PROFILE=quick`` then ``make reproduce`` into one
+        runs folder). A folder without a record is judged by the file times alone."""
+        recorded = self.recorded()
+        return recorded is not None and recorded != self.signature
+
+    def prepare(self) -> Optional[Path]:
+        """Before the stage runs: a run folder made by another command moves to ``<runs>.replaced/<n>/``, under its
+        path in the runs folder (kept, outside it: the report reads every run under ``<runs>``, and this run's
+        checkpoints, logs and outputs are not mixed with it); then this command's record is written. Returns where
+        the folder went, if it moved."""
+        run, moved = self.run_dir, None
+        if self.made_by_another_command():
+            base = Path(os.path.abspath(self.runs))  # not resolved: a linked run folder moves as the link
+            n = 1
+            while (target := base.with_name(f"{base.name}.replaced") / str(n) / Path(os.path.abspath(run)).relative_to(base)).exists():
+                n += 1
+            target.parent.mkdir(parents=True, exist_ok=True)
+            moved = run.rename(target)
+        run.mkdir(parents=True, exist_ok=True)
+        part = run / f".{self.RECORD}.part"
+        part.write_text(json.dumps({"stage": self.name, "args": self.signature}, indent=1), encoding="utf-8")
+        os.replace(part, run / self.RECORD)
+        return moved
 
     def _newest_input(self) -> float:
         """The latest modification time of the stage's inputs and configs (0 when none exists)."""
         return max((p.stat().st_mtime for p in self.inputs + self.configs if p.exists()), default=0.0)
 
     def done(self) -> bool:
-        if not all(p.exists() for p in self.outputs):
+        if not all(p.exists() for p in self.outputs) or self.made_by_another_command():
             return False
         newest_input = self._newest_input()
         from eagrl.evaluation.readings import answer_reading_of  # here: the launcher itself never imports torch
@@ -95,9 +140,8 @@ class Stage:
     def checkpoint(self) -> Optional[Path]:
         """The last checkpoint of a fit stage that stopped before its end, to resume from (``--ckpt_path``): its run's
         ``checkpoints/last.ckpt`` where that is newer than the stage's inputs and configs (an older one is another
-        run's: the stage starts over); None for other stages. The rule is ``done()``'s: it sees a changed input or
-        config file, not a run folder reused with other settings (another ``--profile`` or ``--model``)."""
-        if self.args[0] != "fit" or "--trainer.default_root_dir" not in self.args:
+        run's: the stage starts over); None for other stages, and for a run folder made by another command."""
+        if self.args[0] != "fit" or "--trainer.default_root_dir" not in self.args or self.made_by_another_command():
             return None
         last = Path(self.args[self.args.index("--trainer.default_root_dir") + 1]) / "checkpoints" / "last.ckpt"
         if not last.is_file():
@@ -149,7 +193,9 @@ class Plan:
 
     def _add(self, name: str, args: list[str], outputs: list[Path], inputs: list[Path]) -> None:
         configs = [REPO_ROOT / a for a in args[1:] if a.endswith(".yaml")]
-        self.stages.append(Stage(name, args, outputs, inputs, configs))
+        runs = str(self.runs)
+        signature = ["<runs>" + a[len(runs):] if a == runs or a.startswith(runs + os.sep) else a for a in args]
+        self.stages.append(Stage(name, args, outputs, inputs, configs, signature, self.runs))
         for path in outputs:
             self.producer[path] = name
 
@@ -293,14 +339,19 @@ def run(plan: Plan, in_process: bool = False, only: Optional[str] = None) -> lis
         if stage.done():
             print(f"{prefix}: up to date, skipped", flush=True)
             continue
+        by_name = {s.name: s for s in plan.stages}
         missing = [p for p in stage.inputs if not p.exists()]
-        if missing:
-            made_by = plan.producer.get(missing[0], "an earlier stage")
+        other = [p for p in stage.inputs if p in plan.producer and by_name[plan.producer[p]].made_by_another_command()]
+        for path, why in [(p, "") for p in missing[:1]] + [(p, " with this profile's settings (its run folder was made with others)") for p in other[:1]]:
+            made_by = plan.producer.get(path, "an earlier stage")
             raise EAGRLInputError(
-                f"stage {stage.name} needs {missing[0]}, which stage {made_by} makes: run it first "
+                f"stage {stage.name} needs {path}, which stage {made_by} makes{why}: run it first "
                 f"(python -m eagrl.pipeline --profile {plan.profile} --runs {plan.runs} --only {made_by})"
             )
         args = stage.command()
+        moved = stage.prepare()
+        if moved is not None:
+            print(f"{prefix}: its run folder was made with other settings; moved to {moved}", flush=True)
         command = [sys.executable, "-m", "eagrl", *args]
         print(f"{prefix}: {shlex.join(['python', '-m', 'eagrl', *args])}", flush=True)
         begin = time.perf_counter()
@@ -389,7 +440,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             for stage in plan.stages:
                 state = "done " if stage.done() else "to do"
                 resume = "" if state == "done " or stage.checkpoint() is None else "  (resumes from its checkpoints/last.ckpt)"
-                print(f"{state}  {stage.name}{resume}")
+                other = "  (its run folder was made with other settings: moved aside when it runs)" if stage.made_by_another_command() else ""
+                print(f"{state}  {stage.name}{resume}{other}")
             return
         run(plan, in_process=args.in_process, only=args.only)
     except EAGRLInputError as err:

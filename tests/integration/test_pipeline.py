@@ -183,3 +183,59 @@ def test_a_fit_stopped_inside_its_stage_resumes_from_its_last_checkpoint(tmp_pat
     assert stage.checkpoint() is None and "--ckpt_path" not in stage.command()
     prompting = next(s for s in plan.stages if s.name == "tjh/prompting_decomposition")
     assert prompting.checkpoint() is None
+
+
+def test_a_run_folder_made_with_other_settings_is_neither_done_nor_resumed_and_moves_aside(tmp_path, capsys, monkeypatch):
+    """``make reproduce PROFILE=quick`` then ``make reproduce`` into one runs folder: the quick run's outputs are newer
+    than every input and config, so by file times alone the cpu stage would be "done" (its report the quick sizes')
+    or resume from the quick run's checkpoint. The recorded command tells them apart: the stage runs, in a fresh
+    folder; the quick run's moves to ``<runs>.replaced/1/`` (kept, outside the runs the report reads). The same
+    command, or the same runs moved elsewhere, is still done; a folder without a record keeps the file-time rule."""
+    import shutil
+
+    from eagrl.pipeline import run
+
+    runs = tmp_path / "runs"
+    quick = next(s for s in Plan("quick", runs).stages if s.name == "tjh/rl")
+    cpu_plan = Plan("cpu", runs)
+    cpu = next(s for s in cpu_plan.stages if s.name == "tjh/rl")
+    assert quick.run_dir == cpu.run_dir and quick.signature != cpu.signature
+    for path in cpu.inputs:  # the SFT model and the expert, older than the runs below
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    ran = []
+    monkeypatch.setattr("eagrl.pipeline._run_in_process", lambda name, args: ran.append(args))
+
+    def finish(stage):  # what a fit leaves behind
+        for path in stage.outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}")
+        last = stage.run_dir / "checkpoints" / "last.ckpt"
+        last.parent.mkdir(parents=True, exist_ok=True)
+        last.write_bytes(b"checkpoint")
+
+    run(Plan("quick", runs), in_process=True, only="tjh/rl")
+    finish(quick)
+    assert quick.done() and json.loads((quick.run_dir / "pipeline_stage.json").read_text())["args"] == quick.signature
+    assert not cpu.done() and cpu.checkpoint() is None  # the quick run's outputs and checkpoint are not the cpu stage's
+    main(["--profile", "cpu", "--runs", str(runs), "--list"])
+    assert "to do  tjh/rl  (its run folder was made with other settings: moved aside when it runs)" in capsys.readouterr().out.splitlines()
+    run(cpu_plan, in_process=True, only="tjh/rl")
+    assert ran[-1] == cpu.args  # started over: no --ckpt_path
+    moved = tmp_path / "runs.replaced" / "1" / "tjh" / "rl"
+    assert (moved / "metrics.json").is_file() and (moved / "checkpoints" / "last.ckpt").is_file()
+    assert not (cpu.run_dir / "metrics.json").exists() and not (cpu.run_dir / "checkpoints").exists()
+    assert "moved to" in capsys.readouterr().out
+    finish(cpu)
+    assert cpu.done() and not quick.done()
+    # --only a later stage over an input another profile made: an error naming the stage to run first
+    sft = next(s for s in Plan("quick", runs).stages if s.name == "tjh/sft")
+    sft.prepare()
+    with pytest.raises(EAGRLInputError, match=r"needs .*merged/config.json, which stage tjh/sft makes with this profile's settings"):
+        run(Plan("cpu", runs), in_process=True, only="tjh/rl_grpo")
+    # the same command over the same runs moved to another folder: still done (the record names the runs folder "<runs>")
+    shutil.copytree(runs, tmp_path / "elsewhere", symlinks=True)
+    assert next(s for s in Plan("cpu", tmp_path / "elsewhere").stages if s.name == "tjh/rl").done()
+    # a folder written before records existed: the file times alone, as before
+    (cpu.run_dir / "pipeline_stage.json").unlink()
+    assert cpu.done() and quick.done()
