@@ -42,7 +42,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,7 +100,7 @@ class Stage:
             return None
 
     def made_by_another_command(self) -> bool:
-        """The run folder was made with other settings (another ``--profile``, ``--model``, seed or size): none of it
+        """The run folder was made with other settings (another ``--profile``, ``--model`` or size): none of it
         counts for this stage, however recent (``make reproduce PROFILE=quick`` then ``make reproduce`` into one
         runs folder). A folder without a record is judged by the file times alone."""
         recorded = self.recorded()
@@ -109,19 +111,24 @@ class Stage:
         path in the runs folder (kept, outside it: the report reads every run under ``<runs>``, and this run's
         checkpoints, logs and outputs are not mixed with it); then this command's record is written. Returns where
         the folder went, if it moved."""
-        run, moved = self.run_dir, None
-        if self.made_by_another_command():
-            base = Path(os.path.abspath(self.runs))  # not resolved: a linked run folder moves as the link
-            n = 1
-            while (target := base.with_name(f"{base.name}.replaced") / str(n) / Path(os.path.abspath(run)).relative_to(base)).exists():
-                n += 1
-            target.parent.mkdir(parents=True, exist_ok=True)
-            moved = run.rename(target)
+        run, moved = self.run_dir, self.retire()
         run.mkdir(parents=True, exist_ok=True)
         part = run / f".{self.RECORD}.part"
         part.write_text(json.dumps({"stage": self.name, "args": self.signature}, indent=1), encoding="utf-8")
         os.replace(part, run / self.RECORD)
         return moved
+
+    def retire(self) -> Optional[Path]:
+        """Move a run folder made by another command to ``<runs>.replaced/<n>/``, under its path in the runs folder;
+        returns where it went (None: nothing to move)."""
+        if not self.made_by_another_command():
+            return None
+        run, base = self.run_dir, Path(os.path.abspath(self.runs))  # not resolved: a linked run folder moves as the link
+        n = 1
+        while (target := base.with_name(f"{base.name}.replaced") / str(n) / Path(os.path.abspath(run)).relative_to(base)).exists():
+            n += 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.move(str(run), str(target)))  # a rename, or a copy where the runs folder is on another disk
 
     def _newest_input(self) -> float:
         """The latest modification time of the stage's inputs and configs (0 when none exists)."""
@@ -222,7 +229,7 @@ class Plan:
             self._add(
                 f"{key}/concare_window",
                 ["fit", *self._config(folder, concare_config), *overlay, "--trainer.default_root_dir", str(window)],
-                [window / "metrics.json"], [],
+                [window / "metrics.json", window / "expert_attention.jsonl"], [],  # metrics.json is written at every validation: the export, after the test
             )  # fmt: skip
         for style in [s for s in STYLES if wanted(f"prompting_{s}")]:
             run = runs / f"prompting_{style}{suffix}"
@@ -358,9 +365,9 @@ def run(plan: Plan, in_process: bool = False, only: Optional[str] = None) -> lis
         if in_process:
             _run_in_process(stage.name, args)
         else:
-            returncode = run_stage(command)
-            if returncode < 0:
-                raise SystemExit(f"error: stage {stage.name} stopped by {signal.Signals(-returncode).name}; rerun the same command to resume")
+            returncode, stopped_by = run_stage(command)
+            if stopped_by is not None:
+                raise SystemExit(f"error: stage {stage.name} stopped by {signal.Signals(stopped_by).name} (sent to the pipeline); rerun the same command to resume")
             if returncode != 0:
                 raise SystemExit(f"error: stage {stage.name} failed (exit {returncode}); fix it and rerun the same command to resume")
         ran.append(stage.name)
@@ -368,45 +375,65 @@ def run(plan: Plan, in_process: bool = False, only: Optional[str] = None) -> lis
     return ran
 
 
-def run_stage(command: list[str], grace_s: float = 30.0) -> int:
-    """Run one stage's command; returns its exit code, or minus the signal that stopped the pipeline.
+def run_stage(command: list[str], grace_s: float = 30.0) -> tuple[int, Optional[int]]:
+    """Run one stage's command; returns its exit code and the signal that stopped the pipeline meanwhile (else None).
 
-    A SIGTERM or SIGHUP to the pipeline (``kill``, ``timeout``, a closed terminal) is passed on to the stage (a Ctrl-C
-    reaches both: then the pipeline stops with KeyboardInterrupt once the stage has), which gets ``grace_s`` seconds to
-    stop (a Lightning fit stops after its batch) before it is killed (Lightning's predict loop, the
-    stage-1 search, ignores SIGTERM). Otherwise the stage would go on writing into its run folder after the pipeline
-    ended, beside the stage a rerun starts there. Every stage resumes from what it left (a fit from its last checkpoint).
+    A SIGTERM or SIGHUP to the pipeline (``kill``, ``timeout``, a closed terminal; not one the pipeline ignores, as
+    under ``nohup``) is passed on to the stage, which gets ``grace_s`` seconds to stop before it is killed. A Ctrl-C
+    reaches both (one process group): the pipeline stops with KeyboardInterrupt once the stage has, after the same
+    grace at most. A Lightning fit stops after its current batch (an RL rollout on a CPU can take longer than the
+    grace); Lightning's predict loop, the stage-1 search, ignores SIGTERM. Every stage resumes from what it left (a fit
+    from its last checkpoint). Without this the stage would go on writing into its run folder after the pipeline
+    ended, beside the stage a rerun starts there.
     """
-    child = subprocess.Popen(command, cwd=REPO_ROOT)
     if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
-        return child.wait()
+        return subprocess.Popen(command, cwd=REPO_ROOT).wait(), None
     received: list[tuple[int, float]] = []  # (signal, when)
+    child: Optional[subprocess.Popen] = None
 
     def forward(signum, frame):
         received.append((signum, time.monotonic()))
-        child.send_signal(signum)
+        if child is not None:
+            child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+    wanted = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None and signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, forward) for s in wanted}  # before the child starts: no signal falls between
     try:
+        child = subprocess.Popen(command, cwd=REPO_ROOT)
+        if received:  # arrived while the child was starting
+            child.send_signal(received[0][0])
         while child.poll() is None:
             if received and time.monotonic() - received[0][1] > grace_s:
                 child.kill()
                 child.wait()
             time.sleep(0.2)
-    except KeyboardInterrupt:  # Ctrl-C reaches the stage too (one process group): the same grace, then it is killed
-        try:
-            child.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+    except KeyboardInterrupt:
+        if child is not None:
+            try:
+                child.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
         raise
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
-    return -received[0][0] if received else child.returncode
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    return child.returncode, (received[0][0] if received else None)
+
+
+def retire_other_seeds(plan: Plan) -> list[Path]:
+    """Before the report: the extra-seed run folders (``<variant>_seed<N>``) of seeds this plan does not run, which
+    another command made (``PROFILE=quick SEEDS="0 1"``, then ``make reproduce``), move aside as ``Stage.prepare``
+    moves the plan's own: the report reads every seed folder under the runs folder. Returns where they went."""
+    found = {int(m.group(1)) for p in plan.runs.glob("*/*_seed*") if (m := re.search(r"_seed(\d+)$", p.name))}
+    extra = sorted(found - set(plan.seeds))
+    if not extra:
+        return []
+    wider = Plan(plan.profile, plan.runs, plan.model, (*plan.seeds, *extra))
+    return [moved for stage in wider.stages if (moved := stage.retire()) is not None]
 
 
 def _run_in_process(name: str, args: list[str]) -> None:
@@ -448,6 +475,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(f"error: {err}") from None
     if args.only is None:
         from eagrl.evaluation.report import build
+
+        for moved in retire_other_seeds(plan):
+            print(f"a run folder made with other settings moved to {moved} (not reported)", flush=True)
 
         results = build(args.runs, args.results)
         print(f"wrote {args.results / 'results.md'}, {args.results / 'results.json'} and {len(results['plots'])} plots")

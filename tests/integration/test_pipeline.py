@@ -239,3 +239,20 @@ def test_a_run_folder_made_with_other_settings_is_neither_done_nor_resumed_and_m
     # a folder written before records existed: the file times alone, as before
     (cpu.run_dir / "pipeline_stage.json").unlink()
     assert cpu.done() and quick.done()
+
+
+def test_seed_folders_another_command_made_move_aside_before_the_report(tmp_path):
+    """``PROFILE=quick SEEDS="0 1"``, then ``make reproduce`` (seed 0 only): the quick run's ``<variant>_seed1``
+    folders are no stage of the plan, but the report reads every seed folder; they move aside before it. Seed folders
+    of this profile's own earlier ``SEEDS="0 1"`` run stay, reported."""
+    from eagrl.pipeline import retire_other_seeds
+
+    runs = tmp_path / "runs"
+    quick_seed = next(s for s in Plan("quick", runs, seeds=(0, 1)).stages if s.name == "tjh/rl_seed1")
+    own_seed = next(s for s in Plan("cpu", runs, seeds=(0, 1)).stages if s.name == "tjh/rl_grpo_seed1")
+    for stage in (quick_seed, own_seed):
+        stage.prepare()
+        (stage.run_dir / "metrics.json").write_text("{}")
+    assert retire_other_seeds(Plan("cpu", runs)) == [tmp_path / "runs.replaced" / "1" / "tjh" / "rl_seed1"]
+    assert not quick_seed.run_dir.exists() and (own_seed.run_dir / "metrics.json").is_file()
+    assert retire_other_seeds(Plan("cpu", runs)) == []
