@@ -310,6 +310,15 @@ class Plan:
                             ["--model.init_args.expert_attention", str(expert), *self._subset()])  # fmt: skip
 
 
+def runs_folder(runs: Path) -> Path:
+    """``--runs`` as the stages see it: they run in the repository root, so a relative folder given from elsewhere is
+    made absolute (else the stages would write under the repository and the pipeline look under the current folder);
+    from the root it stays relative, so the printed commands stay short."""
+    if runs.is_absolute():
+        return runs.resolve()
+    return runs if Path.cwd().resolve() == REPO_ROOT.resolve() else Path.cwd().resolve() / runs
+
+
 def check_profile(profile: str, model: Optional[str]) -> None:
     """``paper`` needs a CUDA GPU and the model's weights: stop before any work otherwise."""
     if profile != "paper":
@@ -462,7 +471,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         check_profile(args.profile, args.model)
-        plan = Plan(args.profile, args.runs.resolve() if args.runs.is_absolute() else args.runs, args.model, tuple(args.seeds))
+        plan = Plan(args.profile, runs_folder(args.runs), args.model, tuple(args.seeds))
         if args.list:
             for stage in plan.stages:
                 state = "done " if stage.done() else "to do"

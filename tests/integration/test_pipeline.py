@@ -256,3 +256,18 @@ def test_seed_folders_another_command_made_move_aside_before_the_report(tmp_path
     assert retire_other_seeds(Plan("cpu", runs)) == [tmp_path / "runs.replaced" / "1" / "tjh" / "rl_seed1"]
     assert not quick_seed.run_dir.exists() and (own_seed.run_dir / "metrics.json").is_file()
     assert retire_other_seeds(Plan("cpu", runs)) == []
+
+
+def test_a_relative_runs_folder_given_outside_the_repository_is_where_the_stages_write(tmp_path, monkeypatch):
+    """The stages run in the repository root: ``--runs r`` from another folder means that folder's ``r`` for the
+    pipeline's checks and for the stages alike; from the root it stays relative (short printed commands)."""
+    from eagrl.paths import REPO_ROOT
+    from eagrl.pipeline import runs_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert runs_folder(Path("r")) == tmp_path.resolve() / "r"
+    stage = next(s for s in Plan("smoke", runs_folder(Path("r"))).stages if s.name == "tjh/concare")
+    assert Path(stage.args[stage.args.index("--trainer.default_root_dir") + 1]).is_absolute()
+    monkeypatch.chdir(REPO_ROOT)
+    assert runs_folder(Path("runs")) == Path("runs")
+    assert runs_folder(tmp_path / "x" / ".." / "r") == tmp_path.resolve() / "r"
