@@ -391,8 +391,8 @@ def run_stage(command: list[str], grace_s: float = 30.0) -> tuple[int, Optional[
     under ``nohup``) is passed on to the stage, which gets ``grace_s`` seconds to stop before it is killed. A Ctrl-C
     reaches both (one process group): the pipeline stops with KeyboardInterrupt once the stage has, after the same
     grace at most. A Lightning fit stops after its current batch (an RL rollout on a CPU can take longer than the
-    grace); Lightning's predict loop, the stage-1 search, ignores SIGTERM. Every stage resumes from what it left (a fit
-    from its last checkpoint). Without this the stage would go on writing into its run folder after the pipeline
+    grace); Lightning's predict loop, the stage-1 search, ignores SIGTERM; a SIGHUP ends a stage at once. A fit resumes
+    from its last checkpoint, stage 1 skips its finished patients, a test stage starts over. Without this the stage would go on writing into its run folder after the pipeline
     ended, beside the stage a rerun starts there.
     """
     if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
