@@ -38,8 +38,12 @@ def _stage(pid_file: Path, marker: Path, ignores: str = "", stops_after_s: float
 
 
 def _start(tmp_path: Path, stage: str, grace_s: float, before: str = "") -> tuple[subprocess.Popen, int]:
-    """The pipeline's launcher in a process of its own, running ``stage``; returns it and the stage's pid."""
-    pipeline = f"{before}import sys; from eagrl.pipeline import run_stage; print(run_stage([sys.executable, '-c', {stage!r}], grace_s={grace_s}))"
+    """The pipeline's launcher in a process of its own, running ``stage``; returns it and the stage's pid. SIGHUP and
+    SIGINT start at their defaults, whatever the test run inherited (under ``nohup``, or started with ``&`` by a
+    script, they are ignored); ``before`` may set them otherwise."""
+    defaults = "import signal; signal.signal(signal.SIGHUP, signal.SIG_DFL); signal.signal(signal.SIGINT, signal.default_int_handler); "
+    pipeline = (f"{defaults}{before}import sys; from eagrl.pipeline import run_stage; "
+                f"print(run_stage([sys.executable, '-c', {stage!r}], grace_s={grace_s}))")  # fmt: skip
     parent = subprocess.Popen([sys.executable, "-c", pipeline], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pid_file = tmp_path / "stage.pid"
     deadline = time.monotonic() + 60
