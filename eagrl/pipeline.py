@@ -392,8 +392,8 @@ def run_stage(command: list[str], grace_s: float = 30.0) -> tuple[int, Optional[
     reaches both (one process group): the pipeline stops with KeyboardInterrupt once the stage has, after the same
     grace at most. A Lightning fit stops after its current batch (an RL rollout on a CPU can take longer than the
     grace); Lightning's predict loop, the stage-1 search, ignores SIGTERM; a SIGHUP ends a stage at once. A fit resumes
-    from its last checkpoint, stage 1 skips its finished patients, a test stage starts over. Without this the stage would go on writing into its run folder after the pipeline
-    ended, beside the stage a rerun starts there.
+    from its last checkpoint, stage 1 skips its finished patients, a test stage starts over. Without this the stage
+    would go on writing into its run folder after the pipeline ended, beside the stage a rerun starts there.
     """
     if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
         return subprocess.Popen(command, cwd=REPO_ROOT).wait(), None
