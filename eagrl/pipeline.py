@@ -350,15 +350,17 @@ def run(plan: Plan, in_process: bool = False, only: Optional[str] = None) -> lis
     ran = []
     stages = select_stages(plan.stages, only)
     started = time.perf_counter()
+    by_name = {s.name: s for s in plan.stages}
     for k, stage in enumerate(stages, start=1):
         prefix = f"[{k}/{len(stages)}] {stage.name}"
         if stage.done():
             print(f"{prefix}: up to date, skipped", flush=True)
             continue
-        by_name = {s.name: s for s in plan.stages}
-        missing = [p for p in stage.inputs if not p.exists()]
-        other = [p for p in stage.inputs if p in plan.producer and by_name[plan.producer[p]].made_by_another_command()]
-        for path, why in [(p, "") for p in missing[:1]] + [(p, " with this profile's settings (its run folder was made with others)") for p in other[:1]]:
+        missing = [(p, "") for p in stage.inputs if not p.exists()]
+        missing += [(p, " with this profile's settings (its run folder was made with others)")
+                    for p in stage.inputs if p in plan.producer and by_name[plan.producer[p]].made_by_another_command()]  # fmt: skip
+        if missing:
+            path, why = missing[0]
             made_by = plan.producer.get(path, "an earlier stage")
             raise EAGRLInputError(
                 f"stage {stage.name} needs {path}, which stage {made_by} makes{why}: run it first "
